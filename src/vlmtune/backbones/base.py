@@ -1,0 +1,154 @@
+"""Capabilities and the backbone interface shared by every adapter (toy, open_clip, Hugging Face).
+
+A method declares the access it needs (``Capability``) and receives only that:
+
+- ``FEATURES``: frozen encoders, ``encode_images`` / ``encode_texts`` -> L2-normalised features;
+- ``WHITE_BOX``: plus ``tokenize``, ``embed_tokens`` and ``encode_text_embeddings(embeds, eot_index)`` (the
+  differentiable path through which soft prompts enter the text tower), patch features and the modules;
+- ``BLACK_BOX``: predictions only, through ``vlmtune.blackbox`` (never a backbone object).
+
+Adapters implement five primitives; everything else is written once here.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+class Capability(enum.Enum):
+    BLACK_BOX = "black_box"
+    FEATURES = "features"
+    WHITE_BOX = "white_box"
+
+
+@runtime_checkable
+class FeatureEncoder(Protocol):
+    """What a ``FEATURES`` method may use: frozen encoders and the model's logit scale."""
+
+    spec: str
+    embed_dim: int
+
+    @property
+    def logit_scale(self) -> float: ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+class Backbone(ABC):
+    """A CLIP-style dual encoder behind one small interface (``WHITE_BOX`` handle; also a ``FeatureEncoder``).
+
+    Attributes:
+        spec: the string it was loaded from, e.g. ``"toy"`` or ``"openclip:ViT-B-32@openai"``.
+        embed_dim: dimension D of the joint embedding space.
+        token_width: width W of token embeddings (soft prompts live in this space).
+        context_length: number of token positions L of the text tower.
+        preprocess: PIL image -> normalised (3, H, W) tensor, as the weights expect.
+        preprocess_id: a string that identifies ``preprocess`` (part of feature-cache keys).
+    """
+
+    spec: str
+    embed_dim: int
+    token_width: int
+    context_length: int
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess_id: str
+    text_batch_size: int = 256
+
+    # ---- the five primitives an adapter implements -------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> token ids (M, L) with start/end tokens and padding."""
+
+    @abstractmethod
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the end-of-text token in each row of ``tokens`` (M, L) -> (M,)."""
+
+    @abstractmethod
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (M, L) -> token embeddings (M, L, W)."""
+
+    @abstractmethod
+    def _text_forward(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (M, L', W), L' <= L, -> unnormalised text features (M, D)."""
+
+    @abstractmethod
+    def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed images (B, 3, H, W) -> unnormalised pooled (B, D) and patch/spatial features (B, P, D)."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The underlying torch module (for methods that fine-tune the encoders)."""
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> float:
+        """exp of the learned temperature (about 100 for CLIP)."""
+
+    # ---- shared, written once ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights (part of feature-cache keys)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.module.state_dict().items()):
+            h.update(name.encode())
+            t = tensor.detach().float().cpu().flatten()
+            h.update(t[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a strided sample keeps this fast
+            h.update(str(tuple(tensor.shape)).encode())
+        return h.hexdigest()[:16]
+
+    def encode_text_embeddings(
+        self, embeds: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Differentiable text tower from token embeddings (M, L', W) and EOT positions (M,) -> (M, D).
+
+        ``L'`` may be shorter than the context length (the text tower is causal, so positions after the EOT
+        token never change its feature): methods can truncate to the longest prompt to save compute.
+        """
+        x = self._text_forward(embeds, eot_index)  # (M, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Token ids (M, L) -> text features (M, D)."""
+        tokens = tokens.to(self.device)
+        eot = self.eot_index(tokens)
+        length = int(eot.max()) + 1  # (M, L) -> (M, length): nothing after the last EOT matters
+        return self.encode_text_embeddings(self.embed_tokens(tokens[:, :length]), eot, normalize)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Texts -> text features (M, D), L2-normalised by default."""
+        out = [
+            self.encode_tokens(self.tokenize(texts[i : i + self.text_batch_size]), normalize)
+            for i in range(0, len(texts), self.text_batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> image features (B, D)."""
+        pooled, _ = self._image_forward(images.to(self.device))
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_image_tokens(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed images -> pooled (B, D) and patch features (B, P, D) in the joint space."""
+        pooled, patches = self._image_forward(images.to(self.device))
+        if normalize:
+            pooled, patches = F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
+        return pooled, patches
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, embed_dim={self.embed_dim}, token_width={self.token_width})"

@@ -1,0 +1,104 @@
+"""Adapter for Hugging Face ``transformers`` CLIP models: ``hf:<repo id or local folder>``.
+
+Weights come from the Hugging Face cache (``local_files_only`` when offline); a miss raises
+``WeightsNotAvailable``. Soft prompts enter through ``text_model.embeddings.token_embedding``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.openclip import _offline
+from vlmtune.errors import WeightsNotAvailable
+
+
+class HFPreprocess:
+    """PIL image -> (3, H, W) tensor through a ``CLIPImageProcessor``."""
+
+    def __init__(self, processor: object) -> None:
+        self.processor = processor
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # type: ignore[operator]
+
+    def __repr__(self) -> str:
+        return f"HFPreprocess({self.processor.to_json_string()})"  # type: ignore[attr-defined]
+
+
+class HFClipBackbone(Backbone):
+    """A ``transformers.CLIPModel`` behind the ``Backbone`` interface."""
+
+    def __init__(self, model: nn.Module, processor: object, tokenizer: object, spec: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.preprocess = HFPreprocess(processor)  # type: ignore[assignment]
+        self.preprocess_id = f"hf:{processor.to_json_string()}"  # type: ignore[attr-defined]
+        cfg = model.config
+        self.embed_dim = int(cfg.projection_dim)
+        self.token_width = int(cfg.text_config.hidden_size)
+        self.context_length = int(cfg.text_config.max_position_embeddings)
+        self._eot_id = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, spec: str, repo: str, device: str = "cpu") -> HFClipBackbone:
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        offline = _offline()
+        try:
+            model = CLIPModel.from_pretrained(repo, local_files_only=offline, use_safetensors=None)
+            processor = CLIPImageProcessor.from_pretrained(repo, local_files_only=offline)
+            tokenizer = CLIPTokenizer.from_pretrained(repo, local_files_only=offline)
+        except OSError as exc:
+            raise WeightsNotAvailable(spec, [f"huggingface cache or folder: {repo}"], str(exc).splitlines()[0]) from exc
+        return cls(model.to(device), processor, tokenizer, spec)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        out = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,  # type: ignore[operator]
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        return out["input_ids"]
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens == self._eot_id).int().argmax(dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text_model.embeddings.token_embedding(tokens.to(self.device))  # (M, L, W)
+
+    def _text_forward(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        tm = self.model.text_model
+        length = embeds.shape[1]
+        pos = tm.embeddings.position_embedding.weight[:length]
+        x = embeds + pos  # (M, L', W)
+        causal = torch.full((length, length), float("-inf"), device=x.device).triu(1)[None, None]
+        if "causal_attention_mask" in inspect.signature(tm.encoder.forward).parameters:  # transformers 4.x
+            x = tm.encoder(inputs_embeds=x, causal_attention_mask=causal).last_hidden_state
+        else:  # transformers 5.x
+            x = tm.encoder(inputs_embeds=x, attention_mask=causal, is_causal=True).last_hidden_state
+        x = tm.final_layer_norm(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]  # (M, W)
+        return self.model.text_projection(x)  # (M, D)
+
+    def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vm = self.model.vision_model
+        hidden = vm(pixel_values=images).last_hidden_state  # (B, 1+P, W)
+        tokens = vm.post_layernorm(hidden)
+        projected = self.model.visual_projection(tokens)  # (B, 1+P, D)
+        return projected[:, 0], projected[:, 1:]

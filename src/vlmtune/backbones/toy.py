@@ -1,0 +1,91 @@
+"""Adapter for the bundled ToyCLIP (``toy``) and for ToyCLIP-format folders (``local:/path``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.errors import WeightsNotAvailable
+from vlmtune.toy.model import ToyCLIP, ToyCLIPConfig
+from vlmtune.toy.tokenizer import ToyTokenizer
+
+WEIGHTS_NAME, META_NAME = "toy_clip.safetensors", "toy_clip.json"
+
+
+def bundled_weights_dir() -> Path:
+    return Path(str(resources.files("vlmtune.toy") / "weights"))
+
+
+class ToyPreprocess:
+    """PIL image -> (3, S, S) float tensor: RGB, resize the short side, centre crop, normalise."""
+
+    def __init__(self, size: int, mean: float, std: float) -> None:
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        return (x.permute(2, 0, 1).float() / 255 - self.mean) / self.std  # (3, S, S)
+
+
+class ToyBackbone(Backbone):
+    """ToyCLIP behind the ``Backbone`` interface."""
+
+    def __init__(self, model: ToyCLIP, tokenizer: ToyTokenizer, spec: str, mean: float, std: float) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.spec = spec
+        cfg = model.cfg
+        self.embed_dim, self.token_width, self.context_length = cfg.embed_dim, cfg.text_width, cfg.context_length
+        self.preprocess = ToyPreprocess(cfg.image_size, mean, std)
+        self.preprocess_id = f"toy:rgb-resize{cfg.image_size}-crop-norm({mean},{std})"
+
+    @classmethod
+    def from_dir(cls, folder: Path, spec: str, device: str = "cpu") -> ToyBackbone:
+        weights, meta_path = folder / WEIGHTS_NAME, folder / META_NAME
+        if not (weights.is_file() and meta_path.is_file()):
+            raise WeightsNotAvailable(spec, [str(weights), str(meta_path)], "ToyCLIP folder incomplete")
+        meta = json.loads(meta_path.read_text())
+        cfg = ToyCLIPConfig(**meta["config"])
+        model = ToyCLIP(cfg)
+        model.load_state_dict(load_file(str(weights)))
+        tok = ToyTokenizer(meta["words"], cfg.context_length)
+        norm = meta["normalise"]
+        return cls(model.to(device), tok, spec, norm["mean"], norm["std"])
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.eot_index(tokens)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text.embed_tokens(tokens.to(self.device))  # (M, L, W)
+
+    def _text_forward(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        return self.model.text(embeds, eot_index.to(embeds.device))  # (M, D)
+
+    def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.visual(images)  # (B, D), (B, P, D)

@@ -1,0 +1,48 @@
+"""Image folders: ``<root>/<class>/<image>``, optional ``classnames.txt`` and ``templates.txt``.
+
+Without a ``split`` sub-folder layout (``<root>/{train,val,test}/<class>/...``) every image is in ``test``;
+``classnames.txt`` (one name per line, in sorted folder order) renames classes, ``templates.txt`` gives templates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmtune.data.base import DatasetSplit, files_split
+from vlmtune.data.datasets.imagenet import list_images
+from vlmtune.data.templates import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, clean_classname
+from vlmtune.errors import DatasetNotFound
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(root: Path, skip_corrupt: bool = False) -> dict[str, DatasetSplit]:
+    if not root.is_dir():
+        raise DatasetNotFound(f"image folder {root} does not exist (expected <root>/<class>/<image>)")
+    split_dirs = [s for s in ("train", "val", "test") if (root / s).is_dir()]
+    layout = {s: root / s for s in split_dirs} if split_dirs else {"test": root}
+    classes = _class_dirs(next(iter(layout.values())))
+    if not classes:
+        raise DatasetNotFound(f"image folder {root} has no class sub-folders")
+    names_file, templates_file = root / "classnames.txt", root / "templates.txt"
+    classnames = (
+        [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        if names_file.is_file()
+        else [clean_classname(c) for c in classes]
+    )
+    if len(classnames) != len(classes):
+        raise DatasetNotFound(f"{names_file} lists {len(classnames)} names for {len(classes)} class folders")
+    templates = (
+        [ln.strip() for ln in templates_file.read_text().splitlines() if "{}" in ln]
+        if templates_file.is_file()
+        else [DEFAULT_TEMPLATE, *ENSEMBLE_TEMPLATES]
+    )
+    out = {}
+    for split, folder in layout.items():
+        items = [
+            (f"{c}/{f}", y) for y, c in enumerate(classes) if (folder / c).is_dir() for f in list_images(folder / c)
+        ]
+        out[split] = files_split(f"folder:{root}", split, folder, items, classnames, templates, skip_corrupt)
+    return out

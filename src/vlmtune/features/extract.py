@@ -1,0 +1,91 @@
+"""Image features of a dataset split through a backbone, served from the feature cache when possible."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.data.base import DatasetSplit
+from vlmtune.features.cache import FeatureCache, FeatureKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """L2-normalised image features of a split.
+
+    Attributes:
+        features: (N, D) pooled image features.
+        labels: (N,) int64 labels.
+        patches: (N, P, D) patch / spatial features, when asked for.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    patches: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, index: torch.Tensor) -> FeatureSet:
+        patches = self.patches[index] if self.patches is not None else None
+        return FeatureSet(self.features[index], self.labels[index], patches)
+
+
+def feature_key(backbone: Backbone, split: DatasetSplit, patches: bool) -> FeatureKey:
+    return FeatureKey(
+        backbone=backbone.spec,
+        fingerprint=backbone.fingerprint(),
+        preprocess=backbone.preprocess_id,
+        dataset=split.dataset,
+        split=split.split,
+        samples=split.content_key(),
+        kind="pooled+patches" if patches else "pooled",
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: Backbone,
+    split: DatasetSplit,
+    cache: FeatureCache | None = None,
+    *,
+    patches: bool = False,
+    batch_size: int = 256,
+    workers: int = 4,
+    progress: bool = True,
+) -> FeatureSet:
+    """Encode every image of ``split`` (or read the cache). Labels come from the split, never from the cache."""
+    labels = torch.as_tensor(split.labels, dtype=torch.long)
+    key = feature_key(backbone, split, patches)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        log.info("features of %s/%s from cache", split.dataset, split.split)
+        return FeatureSet(hit["features"], labels, hit.get("patches"))
+    pooled_parts, patch_parts = [], []
+    bar = tqdm(
+        total=len(split), desc=f"encoding {split.dataset}/{split.split}", unit="img", disable=not progress, leave=False
+    )
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(split), batch_size):
+            idx = range(start, min(start + batch_size, len(split)))
+            images = torch.stack(list(pool.map(lambda i: backbone.preprocess(split.image(i)), idx)))  # (B, 3, H, W)
+            pooled, tokens = backbone.encode_image_tokens(images)  # (B, D), (B, P, D)
+            pooled_parts.append(pooled.float().cpu())
+            if patches:
+                patch_parts.append(tokens.float().cpu())
+            bar.update(len(idx))
+    bar.close()
+    features = torch.cat(pooled_parts) if pooled_parts else torch.empty(0, backbone.embed_dim)
+    tensors = {"features": features}
+    if patches:
+        tensors["patches"] = torch.cat(patch_parts)
+    if cache is not None:
+        cache.put(key, tensors)
+    return FeatureSet(features, labels, tensors.get("patches"))

@@ -1,0 +1,168 @@
+"""Method plugins: a frozen config dataclass + a class with ``fit(handle, task, *, generator) -> Classifier``.
+
+Methods never load models, write caches, compute metrics, parse the CLI or print: the runner does that and
+hands each method only the access its ``capability`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmtune.backbones.base import Backbone, Capability
+from vlmtune.errors import UnknownName
+from vlmtune.features.extract import FeatureSet
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a method adapts to.
+
+    Attributes:
+        classnames: class names in label order.
+        templates: prompt templates (the first is the dataset's default).
+        train: labelled training features (few-shot regimes), or None.
+        val: labelled validation features for model selection, or None. Never test data.
+        unlabeled: unlabelled features (label-free regimes), or None.
+    """
+
+    classnames: list[str]
+    templates: list[str]
+    train: FeatureSet | None = None
+    val: FeatureSet | None = None
+    unlabeled: FeatureSet | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+class Classifier(nn.Module, ABC):
+    """An adapted model: logits for image features, and saving/loading as safetensors + JSON."""
+
+    method: ClassVar[str]
+
+    def __init__(self, classnames: Sequence[str]) -> None:
+        super().__init__()
+        self.classnames = list(classnames)
+
+    @abstractmethod
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features (N, D) -> logits (N, K)."""
+
+    def predict_images(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (N, 3, H, W) -> logits (N, K)."""
+        with torch.no_grad():
+            return self.logits(backbone.encode_images(images))
+
+    def for_classnames(self, classnames: Sequence[str], backbone: Backbone) -> Classifier:
+        """The same adapter for other class names (new classes), where the method allows it."""
+        raise NotImplementedError(f"{self.method} cannot classify class names it was not trained on")
+
+    def extra_meta(self) -> dict[str, Any]:
+        """JSON-serialisable settings needed to rebuild the classifier (besides its tensors)."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Classifier:
+        """Rebuild from ``save``'s tensors and metadata."""
+
+    def save(self, folder: str | Path, **info: Any) -> Path:
+        """Write ``adapter.safetensors`` + ``adapter.json`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(folder / "adapter.safetensors"))
+        meta = {"method": self.method, "classnames": self.classnames, **self.extra_meta(), **info}
+        (folder / "adapter.json").write_text(json.dumps(meta, indent=1))
+        return folder
+
+
+def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Load an adapter saved by ``Classifier.save`` (safetensors + JSON; never pickle)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "adapter.json").read_text())
+    cls = get_method(meta["method"]).classifier
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    return cls.from_state(tensors, meta), meta
+
+
+class Method(ABC):
+    """A registered adaptation method (see ``register_method``)."""
+
+    name: ClassVar[str]
+    capability: ClassVar[Capability]
+    config_cls: ClassVar[type]
+    classifier: ClassVar[type[Classifier]]
+    needs_labels: ClassVar[bool] = True
+    supports_new_classes: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, progress: ProgressFn | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+        self.progress = progress
+
+    @abstractmethod
+    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:
+        """Adapt to ``task`` with the given access handle; all randomness from ``generator``."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available by ``name`` (CLI, runner, contract tests)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        cls.classifier.method = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    from vlmtune.methods import linear_probe, zeroshot  # noqa: F401
+
+
+def get_method(name: str) -> type[Method]:
+    _ensure_loaded()
+    if name not in _METHODS:
+        raise UnknownName("method", name, list(_METHODS))
+    return _METHODS[name]
+
+
+def list_methods() -> list[type[Method]]:
+    _ensure_loaded()
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def make_config(method: type[Method], overrides: dict[str, Any] | None = None) -> Any:
+    """The method's config with ``overrides`` (strings from the CLI are converted to the field's type)."""
+    fields = {f.name: f for f in dataclasses.fields(method.config_cls)}
+    values: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise UnknownName(f"option of {method.name}", key, list(fields))
+        default = getattr(method.config_cls(), key)
+        if isinstance(value, str) and not isinstance(default, str):
+            value = json.loads(value.lower() if isinstance(default, bool) else value)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return method.config_cls(**values)

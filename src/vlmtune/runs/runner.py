@@ -1,0 +1,163 @@
+"""The runner: one (method, dataset, shots, seed) job from config to saved results.
+
+It owns what methods must not do: loading the backbone and data, the few-shot pick, feature extraction
+through the cache, scoring, and writing the run directory::
+
+    <run>/config.json     resolved configuration
+    <run>/results.json    scores and timings
+    <run>/results.md      the same as a Markdown table
+    <run>/adapter/        adapter.safetensors + adapter.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtune.backbones import load_backbone
+from vlmtune.backbones.base import Backbone
+from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
+from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
+from vlmtune.methods.base import Classifier, Task, get_method, make_config
+from vlmtune.metrics import accuracy
+from vlmtune.runs.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's result.
+
+    Attributes:
+        method: registered method name.
+        dataset: dataset name (``toy:shapes``, ``caltech101``, ``folder:/path``).
+        backbone: backbone spec.
+        shots: labelled images per class for training (0 = the whole train split).
+        seed: seed of the few-shot pick and of the method's generator.
+        options: method config overrides.
+        subsample: ``all``, ``base`` or ``new`` classes (CoOp's base-to-new rule).
+        val_shots: validation images per class for model selection (None = min(shots, 4); 0 = no validation).
+        data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
+        device: torch device for the backbone.
+    """
+
+    method: str = "linear_probe"
+    dataset: str = "toy:shapes-sketch"
+    backbone: str = "toy"
+    shots: int = 16
+    seed: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+    subsample: str = "all"
+    val_shots: int | None = None
+    data_root: str | None = None
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    accuracy: dict[str, float]
+    n_train: int
+    fit_seconds: float
+    classifier: Classifier
+    method_config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "method_config": self.method_config,
+            "accuracy": self.accuracy,
+            "n_train": self.n_train,
+            "fit_seconds": round(self.fit_seconds, 3),
+        }
+
+
+class FeatureSource:
+    """Backbone + dataset + cache: features of (sub)splits, each extracted once."""
+
+    def __init__(self, backbone: Backbone, cache: FeatureCache | None, progress: bool = True) -> None:
+        self.backbone, self.cache, self.progress = backbone, cache, progress
+
+    def features(self, split: DatasetSplit) -> FeatureSet:
+        return extract_features(self.backbone, split, self.cache, progress=self.progress)
+
+
+def make_task(splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig) -> tuple[Task, int]:
+    train_split = base_new_split(splits["train"], cfg.subsample)
+    if cfg.shots > 0:
+        train_split = few_shot(train_split, cfg.shots, cfg.seed)
+    val_shots = min(cfg.shots, 4) if cfg.val_shots is None else cfg.val_shots
+    val = None
+    if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
+        val_split = base_new_split(splits["val"], cfg.subsample)
+        val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
+    method = get_method(cfg.method)
+    train = source.features(train_split)
+    task = Task(
+        classnames=train_split.classnames,
+        templates=train_split.templates,
+        train=train if method.needs_labels else None,
+        val=val,
+        unlabeled=None if method.needs_labels else train,
+    )
+    return task, len(train_split)
+
+
+def evaluate(classifier: Classifier, features: FeatureSet) -> float:
+    with torch.no_grad():
+        return accuracy(classifier.logits(features.features), features.labels)
+
+
+def run(
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+    backbone: Backbone | None = None,
+    splits: dict[str, DatasetSplit] | None = None,
+) -> RunResult:
+    """Fit ``cfg.method`` and score it on the test split (of the same class subsample)."""
+    backbone = backbone or load_backbone(cfg.backbone, cfg.device)
+    splits = splits or load_dataset(cfg.dataset, cfg.data_root)
+    source = FeatureSource(backbone, cache, progress)
+    method_cls = get_method(cfg.method)
+    method_config = make_config(method_cls, cfg.options)
+    task, n_train = make_task(splits, source, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    classifier = method_cls(method_config).fit(backbone, task, generator=generator)
+    fit_seconds = time.perf_counter() - start
+    test = source.features(base_new_split(splits["test"], cfg.subsample))
+    result = RunResult(
+        cfg, {"test": evaluate(classifier, test)}, n_train, fit_seconds, classifier, asdict(method_config)
+    )
+    if out_dir is not None:
+        write_run_dir(Path(out_dir), result)
+    return result
+
+
+def write_run_dir(folder: Path, result: RunResult) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = result.config
+    (folder / "config.json").write_text(json.dumps({**cfg.to_json(), "method_config": result.method_config}, indent=1))
+    (folder / "results.json").write_text(json.dumps(result.to_json(), indent=1))
+    table = markdown_table(
+        ["method", "dataset", "backbone", "shots", "seed", "test acc (%)", "fit (s)"],
+        [[cfg.method, cfg.dataset, cfg.backbone, cfg.shots, cfg.seed, result.accuracy["test"], result.fit_seconds]],
+    )
+    (folder / "results.md").write_text(table + "\n")
+    result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset)
+
+
+def open_cache(path: str | Path | None, enabled: bool = True) -> FeatureCache | None:
+    return FeatureCache(path or default_cache_dir()) if enabled else None

@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests never touch the network: real data comes from ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLMTUNE_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VLMTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def toy():
+    from vlmtune import load_backbone
+
+    return load_backbone("toy")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def openclip_tiny():
+    """Tiny random-init open_clip configs (no download), registered once."""
+    open_clip = pytest.importorskip("open_clip")
+    open_clip.add_model_config(TEST_DATA)
+    return open_clip
+
+
+@pytest.fixture(scope="session")
+def toy_features():
+    """Cached 16-shot / val / test features of a few toy tasks (computed once per session)."""
+    from vlmtune import load_backbone, load_dataset
+    from vlmtune.runs.runner import FeatureSource, RunConfig, make_task
+
+    backbone = load_backbone("toy")
+    source = FeatureSource(backbone, None, progress=False)
+    out = {}
+
+    def get(dataset: str, method: str = "linear_probe", shots: int = 16, seed: int = 1):
+        key = (dataset, method, shots, seed)
+        if key not in out:
+            splits = load_dataset(dataset)
+            cfg = RunConfig(method=method, dataset=dataset, shots=shots, seed=seed)
+            task, _ = make_task(splits, source, cfg)
+            out[key] = (task, source.features(splits["test"]))
+        return out[key]
+
+    return get

@@ -1,0 +1,78 @@
+"""The CLI end to end on the toy world: fit -> run directory -> eval -> predict; list; tour."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from PIL import Image
+
+from vlmtune.cli import main
+from vlmtune.data import load_dataset
+
+
+def test_fit_eval_predict(tmp_path, capsys):
+    run = tmp_path / "run"
+    cache = str(tmp_path / "cache")
+    assert (
+        main(
+            [
+                "-q",
+                "fit",
+                "--method",
+                "linear_probe",
+                "--dataset",
+                "toy:shapes-sketch",
+                "--shots",
+                "4",
+                "--out",
+                str(run),
+                "--cache-dir",
+                cache,
+            ]
+        )
+        == 0
+    )
+    for name in ("config.json", "results.json", "results.md", "adapter/adapter.json", "adapter/adapter.safetensors"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["shots"] == 4 and 0 <= results["accuracy"]["test"] <= 100
+    capsys.readouterr()
+
+    assert main(["-q", "eval", "--run", str(run), "--cache-dir", cache]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(out["accuracy"] - results["accuracy"]["test"]) < 0.01
+
+    images = tmp_path / "images"
+    images.mkdir()
+    test = load_dataset("toy:shapes-sketch")["test"]
+    for i in (0, 100, 200):
+        test.image(i).save(images / f"img{i}.png")
+    csv_path = tmp_path / "preds.csv"
+    assert main(["-q", "predict", "--run", str(run), str(images), "--out", str(csv_path), "--top-k", "3"]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 3 and all(r["prediction"] in test.classnames for r in rows)
+    assert all(0 < float(r["confidence"]) <= 1 for r in rows)
+
+
+def test_zeroshot_predict_with_new_classnames(tmp_path, capsys):
+    run = tmp_path / "zs"
+    assert main(["-q", "fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--out", str(run), "--no-cache"]) == 0
+    capsys.readouterr()
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(img)
+    assert main(["-q", "predict", "--run", str(run), str(img), "--out", "-", "--classnames", "circle,square"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[1] in ("circle", "square")
+
+
+def test_list_and_errors(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "linear_probe" in out and "caltech101" in out and "toy:shapes-sketch" in out and "openclip:" in out
+    assert main(["-q", "fit", "--method", "nope", "--no-cache"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_tour_single_task(tmp_path, capsys):
+    assert main(["-q", "tour", "--tasks", "toy:nonce-shapes", "--out", str(tmp_path), "--no-cache"]) == 0
+    assert "toy:nonce-shapes" in (tmp_path / "results.md").read_text()
