@@ -38,6 +38,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (logged) instead of failing")
 
 
 def cmd_tour(args: argparse.Namespace) -> int:
@@ -80,6 +81,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         subsample=args.subsample,
         data_root=args.data_root,
         device=args.device,
+        skip_corrupt=args.skip_corrupt,
     )
     out = Path(
         args.out
@@ -110,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     clf, meta, config = _load_run(Path(args.run))
     backbone = load_backbone(meta["backbone"], args.device)
     dataset = args.dataset or config.get("dataset") or meta.get("dataset")
-    splits = load_dataset(dataset, args.data_root or config.get("data_root"))
+    splits = load_dataset(dataset, args.data_root or config.get("data_root"), args.skip_corrupt)
     split = base_new_split(splits[args.split], args.subsample)
     if split.classnames != clf.classnames:
         clf = clf.for_classnames(split.classnames, backbone)

@@ -46,6 +46,7 @@ class RunConfig:
         val_shots: validation images per class for model selection (None = min(shots, 4); 0 = no validation).
         data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
         device: torch device for the backbone.
+        skip_corrupt: drop unreadable images (each logged) instead of failing on the first one.
     """
 
     method: str = "linear_probe"
@@ -58,6 +59,7 @@ class RunConfig:
     val_shots: int | None = None
     data_root: str | None = None
     device: str = "cpu"
+    skip_corrupt: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +130,7 @@ def run(
 ) -> RunResult:
     """Fit ``cfg.method`` and score it on the test split (of the same class subsample)."""
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
-    splits = splits or load_dataset(cfg.dataset, cfg.data_root)
+    splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
     source = FeatureSource(backbone, cache, progress)
     method_cls = get_method(cfg.method)
     method_config = make_config(method_cls, cfg.options)

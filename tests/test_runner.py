@@ -1,0 +1,34 @@
+"""The runner: run directories, base/new subsampling, and a real-data pass through the JPEG pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.features import FeatureCache
+from vlmtune.runs.runner import RunConfig, run
+
+
+def test_run_directory_and_base_new(tmp_path):
+    cfg = RunConfig(method="linear_probe", dataset="toy:toynet", shots=4, seed=2, subsample="base")
+    res = run(cfg, out_dir=tmp_path / "run", progress=False)
+    assert res.classifier.classnames == [f"{t} {s}" for s in ("circle", "triangle", "square", "diamond", "star")
+                                         for t in ("solid", "striped")]  # fmt: skip
+    assert res.n_train == 4 * 10
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["subsample"] == "base" and saved["method_config"]["steps"] == 300
+    assert "| linear_probe | toy:toynet |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_new_classes_zero_shot_through_runner():
+    res = run(RunConfig(method="zeroshot", dataset="toy:toynet", shots=1, subsample="new"), progress=False)
+    assert len(res.classifier.classnames) == 10 and res.accuracy["test"] > 80.0
+
+
+@pytest.mark.realdata
+def test_caltech101_end_to_end_on_the_toy_backbone(shared_data, tmp_path):
+    cfg = RunConfig(method="zeroshot", dataset="caltech101", shots=1, data_root=str(shared_data))
+    res = run(cfg, cache=FeatureCache(tmp_path), progress=False)
+    assert 0.0 <= res.accuracy["test"] <= 100.0 and res.n_train == 100
+    assert len(res.classifier.classnames) == 100
