@@ -7,7 +7,7 @@ A method declares the access it needs (``Capability``) and receives only that:
   differentiable path through which soft prompts enter the text tower), patch features and the modules;
 - ``BLACK_BOX``: predictions only, through ``vlmtune.blackbox`` (never a backbone object).
 
-Adapters implement five primitives; everything else is written once here.
+Adapters set ``model`` and ``eot_token_id`` and implement four primitives; everything else is written once here.
 """
 
 from __future__ import annotations
@@ -63,16 +63,14 @@ class Backbone(ABC):
     context_length: int
     preprocess: Callable[[Image.Image], torch.Tensor]
     preprocess_id: str
+    model: nn.Module
+    eot_token_id: int
     text_batch_size: int = 256
 
-    # ---- the five primitives an adapter implements -------------------------------------------------------
+    # ---- the four primitives an adapter implements -------------------------------------------------------
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> token ids (M, L) with start/end tokens and padding."""
-
-    @abstractmethod
-    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Position of the end-of-text token in each row of ``tokens`` (M, L) -> (M,)."""
 
     @abstractmethod
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -86,17 +84,21 @@ class Backbone(ABC):
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed images (B, 3, H, W) -> unnormalised pooled (B, D) and patch/spatial features (B, P, D)."""
 
+    # ---- shared, written once ------------------------------------------------------------------------
     @property
-    @abstractmethod
     def module(self) -> nn.Module:
         """The underlying torch module (for methods that fine-tune the encoders)."""
+        return self.model
 
     @property
-    @abstractmethod
     def logit_scale(self) -> float:
         """exp of the learned temperature (about 100 for CLIP)."""
+        return float(self.model.logit_scale.detach().exp())
 
-    # ---- shared, written once ------------------------------------------------------------------------
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the (first) end-of-text token in each row of ``tokens`` (M, L) -> (M,)."""
+        return (tokens == self.eot_token_id).int().argmax(dim=-1)
+
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device

@@ -43,7 +43,7 @@ class HFClipBackbone(Backbone):
         self.embed_dim = int(cfg.projection_dim)
         self.token_width = int(cfg.text_config.hidden_size)
         self.context_length = int(cfg.text_config.max_position_embeddings)
-        self._eot_id = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+        self.eot_token_id = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
 
     @classmethod
     def load(cls, spec: str, repo: str, device: str = "cpu") -> HFClipBackbone:
@@ -58,14 +58,6 @@ class HFClipBackbone(Backbone):
             raise WeightsNotAvailable(spec, [f"huggingface cache or folder: {repo}"], str(exc).splitlines()[0]) from exc
         return cls(model.to(device), processor, tokenizer, spec)
 
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         out = self.tokenizer(
             list(texts),
@@ -75,9 +67,6 @@ class HFClipBackbone(Backbone):
             return_tensors="pt",
         )
         return out["input_ids"]
-
-    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (tokens == self._eot_id).int().argmax(dim=-1)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.text_model.embeddings.token_embedding(tokens.to(self.device))  # (M, L, W)

@@ -73,7 +73,7 @@ class OpenClipBackbone(Backbone):
         self.token_width = int(model.token_embedding.weight.shape[1])
         proj = model.text_projection
         self.embed_dim = int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
-        self._eot_id = int(getattr(tokenizer, "eot_token_id", 49407))
+        self.eot_token_id = int(getattr(tokenizer, "eot_token_id", 49407))
 
     @classmethod
     def load(
@@ -104,19 +104,8 @@ class OpenClipBackbone(Backbone):
         )
         return cls(model, preprocess, open_clip.get_tokenizer(arch), spec)
 
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))  # type: ignore[operator]
-
-    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (tokens == self._eot_id).int().argmax(dim=-1)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.token_embedding(tokens.to(self.device))  # (M, L, W)

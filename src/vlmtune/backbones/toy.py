@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.errors import WeightsNotAvailable
@@ -48,6 +47,7 @@ class ToyBackbone(Backbone):
     def __init__(self, model: ToyCLIP, tokenizer: ToyTokenizer, spec: str, mean: float, std: float) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.eot_token_id = tokenizer.eot_id
         self.spec = spec
         cfg = model.cfg
         self.embed_dim, self.token_width, self.context_length = cfg.embed_dim, cfg.text_width, cfg.context_length
@@ -67,19 +67,8 @@ class ToyBackbone(Backbone):
         norm = meta["normalise"]
         return cls(model.to(device), tok, spec, norm["mean"], norm["std"])
 
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(texts)
-
-    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.eot_index(tokens)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.text.embed_tokens(tokens.to(self.device))  # (M, L, W)

@@ -99,35 +99,30 @@ def _toynet(name: str, style: str, params: StyleParams, description: str, role: 
     )
 
 
+def _shifted_shapes(style: str, description: str, templates: tuple[str, ...], params: StyleParams) -> ToyTask:
+    return ToyTask(f"shapes-{style}", description, _shape_classes(), templates, style, params, role="shifted")
+
+
 def _build() -> dict[str, ToyTask]:
     tasks = [
         ToyTask("shapes", "10 shapes, photo renders as in pretraining", _shape_classes(), _SHAPE_TEMPLATES),
-        ToyTask(
-            "shapes-sketch",
-            "10 shapes drawn as pencil outlines (rare in pretraining, rarely captioned with the shape)",
-            _shape_classes(),
+        _shifted_shapes(
+            "sketch",
+            "10 shapes drawn as pencil outlines (rare in pretraining, captioned in the sketch dialect)",
             ("a sketch of a {}.", "a {} shape.", "a drawing of a {}."),
-            style="sketch",
-            params=StyleParams(sketch_width=0.06, sketch_jitter=0.06),
-            role="shifted",
+            StyleParams(sketch_width=0.06, sketch_jitter=0.06),
         ),
-        ToyTask(
-            "shapes-noisy",
+        _shifted_shapes(
+            "noisy",
             "10 shapes under heavy sensor noise",
-            _shape_classes(),
             ("a noisy photo of a {}.", "a {} shape.", "a photo of a {}."),
-            style="noisy",
-            params=StyleParams(noise_std=0.25),
-            role="shifted",
+            StyleParams(noise_std=0.25),
         ),
-        ToyTask(
-            "shapes-pixel",
+        _shifted_shapes(
+            "pixel",
             "10 shapes as coarse pixel art",
-            _shape_classes(),
             ("a pixel art of a {}.", "a {} shape.", "a photo of a {}."),
-            style="pixel",
-            params=StyleParams(pixel_factor=2),
-            role="shifted",
+            StyleParams(pixel_factor=2),
         ),
         ToyTask(
             "colour-shapes",
