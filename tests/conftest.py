@@ -59,3 +59,49 @@ def toy_features():
         return out[key]
 
     return get
+
+
+# Small black-box settings for the contract suite (the full-budget evidence lives in test_blackbox_methods.py).
+FAST_OPTIONS = {"bbt": {"budget": 200, "popsize": 10, "subspace": 64}, "craft": {"budget": 220, "popsize": 10,
+                "subspace": 64}}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def toy_setup(toy):
+    """(dataset, method) -> (fit(seed) -> classifier, predict(classifier) -> logits, test labels, task)."""
+    from vlmtune import load_dataset
+    from vlmtune.blackbox.local import LocalBlackBox
+    from vlmtune.capabilities import Capability
+    from vlmtune.data import few_shot
+    from vlmtune.methods.base import Task, get_method, make_config
+    from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, upload_split
+
+    source = FeatureSource(toy, None, progress=False)
+    boxes: dict = {}
+
+    def get(dataset: str, method: str):
+        method_cls = get_method(method)
+        cfg = make_config(method_cls, FAST_OPTIONS.get(method))
+        splits = load_dataset(dataset)
+        if method_cls.capability is Capability.BLACK_BOX:
+            if dataset not in boxes:
+                box = LocalBlackBox(toy)
+                train = few_shot(splits["train"], 16, 1)
+                refs = upload_split(box, train, False)
+                boxes[dataset] = (box, Task(train.classnames, train.templates, train=refs),
+                                  upload_split(box, splits["test"], False))  # fmt: skip
+            box, task, test = boxes[dataset]
+
+            def fit(seed: int = 1):
+                return method_cls(cfg).fit(box, task, generator=torch.Generator().manual_seed(seed))
+
+            return fit, (lambda clf: clf.predict_blackbox(box, test)), test.labels, task
+        task, _ = make_task(splits, source, RunConfig(method=method, dataset=dataset))
+        test = source.features(splits["test"])
+
+        def fit_features(seed: int = 1):
+            return method_cls(cfg).fit(toy, task, generator=torch.Generator().manual_seed(seed))
+
+        return fit_features, (lambda clf: clf.logits(test.features)), test.labels, task
+
+    return get

@@ -76,3 +76,20 @@ def test_list_and_errors(capsys):
 def test_tour_single_task(tmp_path, capsys):
     assert main(["-q", "tour", "--tasks", "toy:nonce-shapes", "--out", str(tmp_path), "--no-cache"]) == 0
     assert "toy:nonce-shapes" in (tmp_path / "results.md").read_text()
+
+
+def test_black_box_fit_eval_predict(tmp_path, capsys):
+    run = tmp_path / "bbt"
+    args = ["-q", "fit", "--method", "bbt", "--dataset", "toy:shapes-sketch", "--shots", "2", "--out", str(run),
+            "--set", "budget=60", "--set", "popsize=10", "--set", "subspace=16"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["queries"] == 60
+    capsys.readouterr()
+    assert main(["-q", "eval", "--run", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(out["accuracy"] - results["accuracy"]["test"]) < 0.01
+    img = tmp_path / "x.png"
+    load_dataset("toy:shapes-sketch")["test"].image(0).save(img)
+    assert main(["-q", "predict", "--run", str(run), str(img), "--out", "-"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[1] in load_dataset("toy:shapes-sketch")["test"].classnames

@@ -107,7 +107,7 @@ def _load_run(folder: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlmtune.backbones import load_backbone
     from vlmtune.data import base_new_split, load_dataset
-    from vlmtune.runs.runner import FeatureSource, evaluate, open_cache
+    from vlmtune.runs.runner import FeatureSource, open_cache, score_split
 
     clf, meta, config = _load_run(Path(args.run))
     backbone = load_backbone(meta["backbone"], args.device)
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if split.classnames != clf.classnames:
         clf = clf.for_classnames(split.classnames, backbone)
     source = FeatureSource(backbone, open_cache(args.cache_dir, not args.no_cache), not args.quiet)
-    acc = evaluate(clf, source.features(split))
+    acc = score_split(clf, backbone, split, source, not args.quiet)
     print(json.dumps({"run": args.run, "dataset": dataset, "split": split.split, "accuracy": round(acc, 2)}))
     return 0
 
@@ -145,6 +145,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.classnames:
         clf = clf.for_classnames([c.strip() for c in args.classnames.split(",")], backbone)
     files = _collect_images(args.images)
+    box = None
+    if hasattr(clf, "predict_blackbox"):
+        from vlmtune.blackbox.api import ImageRefs
+        from vlmtune.blackbox.local import LocalBlackBox
+
+        box = LocalBlackBox(backbone)
     k = min(args.top_k, len(clf.classnames))
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(args.out, "w", newline="")) if args.out != "-" else sys.stdout
@@ -152,8 +158,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writerow(["path", "prediction", "confidence"] + [f"top{i + 1}" for i in range(1, k)])
         for start in tqdm(range(0, len(files), 64), desc="predicting", unit="batch", disable=args.quiet):
             batch = files[start : start + 64]
-            images = torch.stack([backbone.preprocess(open_image(f)) for f in batch])
-            probs = clf.predict_images(backbone, images).softmax(-1)  # (B, K)
+            if box is not None:
+                ids = box.upload([f.read_bytes() for f in batch])
+                logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
+            else:
+                logits = clf.predict_images(backbone, torch.stack([backbone.preprocess(open_image(f)) for f in batch]))
+            probs = logits.softmax(-1)  # (B, K)
             conf, idx = probs.topk(k, dim=-1)
             for f, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
                 writer.writerow([str(f), clf.classnames[i[0]], f"{c[0]:.4f}"] + [clf.classnames[j] for j in i[1:]])
@@ -181,6 +191,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("backbones (spec grammar: toy | openclip:<arch>[@<tag or file>] | hf:<repo or folder> | local:<folder>):")
         for spec in EXAMPLE_SPECS:
             print(f"  {spec}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vlmtune.backbones import load_backbone
+    from vlmtune.blackbox.local import LocalBlackBox
+    from vlmtune.blackbox.server import create_app, load_keys
+
+    budgets = load_keys(args.keys, args.budget)
+    if args.keys is None:
+        print(f"API key: {next(iter(budgets))}  (budget {args.budget})", flush=True)
+    app = create_app(LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name), budgets,
+                     args.max_body_mb * 2**20)  # fmt: skip
+    print(f"serving {args.backbone} on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -225,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", default=None, help="comma-separated class names (methods that allow new names)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a backbone as a black-box VLM over HTTP (predictions only)")
+    p.add_argument("--backbone", default="toy")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--keys", default=None, help='JSON file {"api-key": query budget or null}; default: one new key')
+    p.add_argument("--budget", type=int, default=8000, help="budget of the generated key (without --keys)")
+    p.add_argument("--name", default=None, help="public model name (default: the backbone spec)")
+    p.add_argument("--max-body-mb", type=int, default=32)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("list", help="list methods, datasets and backbones")
     p.add_argument("what", nargs="?", choices=("all", "methods", "datasets", "backbones"), default="all")

@@ -12,7 +12,6 @@ Adapters set ``model`` and ``eot_token_id`` and implement four primitives; every
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -23,11 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vlmtune.capabilities import Capability
 
-class Capability(enum.Enum):
-    BLACK_BOX = "black_box"
-    FEATURES = "features"
-    WHITE_BOX = "white_box"
+__all__ = ["Backbone", "Capability", "FeatureEncoder"]
 
 
 @runtime_checkable

@@ -7,20 +7,25 @@ hands each method only the access its ``capability`` names.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlmtune.backbones.base import Backbone, Capability
+from vlmtune.capabilities import Capability
 from vlmtune.errors import UnknownName
-from vlmtune.features.extract import FeatureSet
+
+if TYPE_CHECKING:  # black-box methods import this module: it must not pull in model code at run time
+    from vlmtune.backbones.base import Backbone
+    from vlmtune.blackbox.api import ImageRefs
+    from vlmtune.features.extract import FeatureSet
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -32,15 +37,15 @@ class Task:
     Attributes:
         classnames: class names in label order.
         templates: prompt templates (the first is the dataset's default).
-        train: labelled training features (few-shot regimes), or None.
+        train: labelled training features (few-shot regimes; uploaded image ids for black-box methods), or None.
         val: labelled validation features for model selection, or None. Never test data.
         unlabeled: unlabelled features (label-free regimes), or None.
     """
 
     classnames: list[str]
     templates: list[str]
-    train: FeatureSet | None = None
-    val: FeatureSet | None = None
+    train: FeatureSet | ImageRefs | None = None
+    val: FeatureSet | ImageRefs | None = None
     unlabeled: FeatureSet | None = None
 
     @property
@@ -115,8 +120,9 @@ class Method(ABC):
         self.progress = progress
 
     @abstractmethod
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:
-        """Adapt to ``task`` with the given access handle; all randomness from ``generator``."""
+    def fit(self, handle: Any, task: Task, *, generator: torch.Generator) -> Classifier:
+        """Adapt to ``task`` through ``handle`` (a ``Backbone``, or a ``BlackBoxVLM`` for ``BLACK_BOX`` methods);
+        all randomness from ``generator``."""
 
 
 _METHODS: dict[str, type[Method]] = {}
@@ -136,8 +142,13 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
+BUILTIN_METHODS = ("zeroshot", "linear_probe", "bbt", "craft")
+
+
 def _ensure_loaded() -> None:
-    from vlmtune.methods import linear_probe, zeroshot  # noqa: F401
+    """Import the built-in method modules (by name, like plugins: this module stays free of model imports)."""
+    for name in BUILTIN_METHODS:
+        importlib.import_module(f"vlmtune.methods.{name}")
 
 
 def get_method(name: str) -> type[Method]:

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from vlmtune.backbones import load_backbone
-from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.base import Backbone, Capability
+from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, image_bytes
+from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
+from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Task, get_method, make_config
 from vlmtune.metrics import accuracy
 from vlmtune.runs.report import markdown_table
@@ -47,6 +51,8 @@ class RunConfig:
         data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
         device: torch device for the backbone.
         skip_corrupt: drop unreadable images (each logged) instead of failing on the first one.
+        query_budget: hard limit of the black box a ``BLACK_BOX`` method trains against (None = unlimited; the
+            method keeps to its own budget either way, and the queries used are reported).
     """
 
     method: str = "linear_probe"
@@ -60,6 +66,7 @@ class RunConfig:
     data_root: str | None = None
     device: str = "cpu"
     skip_corrupt: bool = False
+    query_budget: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +80,7 @@ class RunResult:
     fit_seconds: float
     classifier: Classifier
     method_config: dict[str, Any]
+    queries: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +89,7 @@ class RunResult:
             "accuracy": self.accuracy,
             "n_train": self.n_train,
             "fit_seconds": round(self.fit_seconds, 3),
+            "queries": self.queries,
         }
 
 
@@ -120,6 +129,18 @@ def evaluate(classifier: Classifier, features: FeatureSet) -> float:
         return accuracy(classifier.logits(features.features), features.labels)
 
 
+def score_split(
+    classifier: Classifier, backbone: Backbone, split: DatasetSplit, source: FeatureSource | None, progress: bool
+) -> float:
+    """Test accuracy of any adapter on ``split``: black-box adapters through a fresh, unmetered box."""
+    if isinstance(classifier, BlackBoxClassifier):
+        box = LocalBlackBox(backbone)
+        refs = upload_split(box, split, progress)
+        return accuracy(classifier.predict_blackbox(box, refs), refs.labels)
+    source = source or FeatureSource(backbone, None, progress)
+    return evaluate(classifier, source.features(split))
+
+
 def run(
     cfg: RunConfig,
     out_dir: str | Path | None = None,
@@ -131,21 +152,53 @@ def run(
     """Fit ``cfg.method`` and score it on the test split (of the same class subsample)."""
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
     splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
-    source = FeatureSource(backbone, cache, progress)
     method_cls = get_method(cfg.method)
     method_config = make_config(method_cls, cfg.options)
-    task, n_train = make_task(splits, source, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    classifier = method_cls(method_config).fit(backbone, task, generator=generator)
-    fit_seconds = time.perf_counter() - start
-    test = source.features(base_new_split(splits["test"], cfg.subsample))
-    result = RunResult(
-        cfg, {"test": evaluate(classifier, test)}, n_train, fit_seconds, classifier, asdict(method_config)
-    )
+    if method_cls.capability is Capability.BLACK_BOX:
+        result = _run_black_box(cfg, backbone, splits, method_cls(method_config), generator, progress)
+    else:
+        source = FeatureSource(backbone, cache, progress)
+        task, n_train = make_task(splits, source, cfg)
+        start = time.perf_counter()
+        classifier = method_cls(method_config).fit(backbone, task, generator=generator)
+        fit_seconds = time.perf_counter() - start
+        test_acc = score_split(classifier, backbone, base_new_split(splits["test"], cfg.subsample), source, progress)
+        result = RunResult(cfg, {"test": test_acc}, n_train, fit_seconds, classifier, {})
+    result.method_config = asdict(method_config)
     if out_dir is not None:
         write_run_dir(Path(out_dir), result)
     return result
+
+
+def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
+    """Upload a split's images to a black box (as PNG bytes) -> ids + labels."""
+    ids: list[str] = []
+    for start in tqdm(range(0, len(split), 256), desc=f"uploading {split.dataset}/{split.split}", unit="batch",
+                      disable=not progress, leave=False):  # fmt: skip
+        ids += box.upload([image_bytes(split.image(i)) for i in range(start, min(start + 256, len(split)))])
+    return ImageRefs(ids, torch.as_tensor(split.labels, dtype=torch.long))
+
+
+def _run_black_box(
+    cfg: RunConfig,
+    backbone: Backbone,
+    splits: dict[str, DatasetSplit],
+    method: Any,
+    generator: torch.Generator,
+    progress: bool,
+) -> RunResult:
+    """A black-box method sees only a ``LocalBlackBox``; test scoring uses a separate, unmetered box."""
+    train_split = base_new_split(splits["train"], cfg.subsample)
+    if cfg.shots > 0:
+        train_split = few_shot(train_split, cfg.shots, cfg.seed)
+    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget))
+    task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
+    start = time.perf_counter()
+    classifier = method.fit(box, task, generator=generator)
+    fit_seconds = time.perf_counter() - start
+    acc = score_split(classifier, backbone, base_new_split(splits["test"], cfg.subsample), None, progress)
+    return RunResult(cfg, {"test": acc}, len(train_split), fit_seconds, classifier, {}, queries=box.usage().used)
 
 
 def write_run_dir(folder: Path, result: RunResult) -> None:

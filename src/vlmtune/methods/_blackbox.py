@@ -1,0 +1,100 @@
+"""Machinery shared by the black-box methods (BBT, CraFT): subspace prompts, CMA-ES, the black-box classifier.
+
+Imports only the black-box API: never a backbone, open_clip or transformers (import-linter contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cma
+import numpy as np
+import torch
+from torch import nn
+
+from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, PredictRequest
+from vlmtune.methods.base import Classifier
+
+
+@dataclass(frozen=True)
+class SubspacePrompt:
+    """p = p0 + A z (Eq. 1): A is a fixed random (n_ctx * d_tok, d0) map; the box adds A z to p0 ("add" mode)."""
+
+    a: np.ndarray  # (n_ctx * d_tok, d0)
+    n_ctx: int
+    d_tok: int
+
+    @classmethod
+    def sample(cls, n_ctx: int, d_tok: int, d0: int, std: float, rng: np.random.Generator) -> SubspacePrompt:
+        return cls(rng.normal(0.0, std, size=(n_ctx * d_tok, d0)).astype(np.float32), n_ctx, d_tok)
+
+    def contexts(self, z: np.ndarray) -> np.ndarray:
+        """Subspace points (C, d0) -> prompt offsets (C, n_ctx, d_tok)."""
+        return (np.asarray(z, dtype=np.float32) @ self.a.T).reshape(-1, self.n_ctx, self.d_tok)
+
+
+def make_cma(d0: int, sigma0: float, popsize: int, bounds: float | None, seed: int) -> cma.CMAEvolutionStrategy:
+    """pycma's CMA-ES (Eq. 2) from m = 0, drawing from its own seeded generator (no global RNG)."""
+    rng = np.random.default_rng(seed)
+    opts: dict[str, Any] = {
+        "popsize": popsize,
+        "seed": np.nan,  # do not touch numpy's global RNG
+        "randn": lambda lam, n: rng.standard_normal((lam, n)),
+        "verbose": -9,
+    }
+    if bounds is not None:
+        opts["bounds"] = [-bounds, bounds]
+    return cma.CMAEvolutionStrategy(np.zeros(d0), sigma0, opts)
+
+
+def query_scores(
+    box: BlackBoxVLM, refs: ImageRefs, classnames: Sequence[str], template: str, contexts: np.ndarray | None
+) -> torch.Tensor:
+    """Scores (C, N, K) from the box as a float tensor (charges C queries)."""
+    request = PredictRequest(list(refs.ids), list(classnames), template, contexts)
+    return torch.as_tensor(box.predict(request), dtype=torch.float32)
+
+
+class BlackBoxClassifier(Classifier):
+    """A learned prompt offset (added to the template context by the box) and an optional refinement head."""
+
+    def __init__(
+        self,
+        classnames: Sequence[str],
+        template: str,
+        context: torch.Tensor | None,
+        head: nn.Module | None = None,
+        head_meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(classnames)
+        self.template = template
+        self.register_buffer("context", context if context is not None else torch.zeros(0))  # (n_ctx, d_tok)
+        self.head = head
+        self.head_meta = head_meta or {}
+
+    def refine(self, scores: torch.Tensor) -> torch.Tensor:
+        """Black-box scores (N, K) -> final logits (N, K)."""
+        return self.head(scores) if self.head is not None else scores
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a black-box adapter predicts through the black box: use predict_blackbox(box, refs)")
+
+    def predict_blackbox(self, box: BlackBoxVLM, refs: ImageRefs) -> torch.Tensor:
+        ctx = self.context.numpy()[None] if self.context.numel() else None
+        with torch.no_grad():
+            return self.refine(query_scores(box, refs, self.classnames, self.template, ctx)[0])
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {"template": self.template, "head": self.head_meta}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> BlackBoxClassifier:
+        from vlmtune.methods._refine import build_head
+
+        head_meta = meta.get("head") or {}
+        head = build_head(**head_meta) if head_meta else None
+        clf = cls(meta["classnames"], meta["template"], tensors["context"], head, head_meta)
+        clf.load_state_dict(tensors)
+        return clf

@@ -1,0 +1,36 @@
+"""BBT: black-box tuning (Sun et al., ICML 2022) applied to a VLM, as the CraFT papers' baseline.
+
+CMA-ES over z in a random subspace, prompt p = p0 + A z (CraFT Eq. 1-2), fitness = cross-entropy of the
+black box's outputs; the returned prompt is the search distribution's mean E_z[p0 + A z]. Same hyper-parameters
+as CraFT ("we set its hyper-parameters the same as CraFT"); it runs CraFT's trainer with the head switched off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from vlmtune.blackbox.api import BlackBoxVLM
+from vlmtune.capabilities import Capability
+from vlmtune.methods._blackbox import BlackBoxClassifier
+from vlmtune.methods.base import Method, Task, register_method
+from vlmtune.methods.craft import BBTConfig, CollaborativeTrainer, CraftConfig
+
+
+class BBTClassifier(BlackBoxClassifier):
+    pass
+
+
+@register_method("bbt")
+class BBT(Method):
+    """Black-box tuning: CMA-ES over a random subspace of the prompt context, cross-entropy fitness."""
+
+    capability = Capability.BLACK_BOX
+    config_cls = BBTConfig
+    classifier = BBTClassifier
+    summary = "BBT: CMA-ES over a random subspace of the prompt context (black box)"
+
+    def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
+        cfg = CraftConfig(**asdict(self.config), use_head=False)
+        return CollaborativeTrainer(cfg, handle, task, generator, BBTClassifier).run()

@@ -1,0 +1,213 @@
+"""CraFT (= CARROT): collaborative fine-tuning of black-box VLMs (Wang et al., ICML 2024; papers 000 / 001).
+
+Prompt generation module: p = p0 + A z, z searched by CMA-ES in a d0-dimensional random subspace (Eq. 1-2).
+Prediction refinement module: Y_O = Y_I + R(Y_I) (Eq. 3). Collaborative training (Algorithm 1): per generation,
+CMA-ES scores lambda candidates with L_I = CE(Y_I, Y) + lambda_I KL(Y_I || Y_O) (Eq. 5), then R is trained for one
+epoch with L_O = CE(Y_O, Y) + lambda_O KL(Y_O || Y_I) (Eq. 6) on the outputs of the mean prompt E_z[p0 + A z].
+Defaults are the paper's; reference-code variants are options (see docs/fidelity.md).
+
+BBT (Sun et al., 2022) is the prompt-generation module alone with the cross-entropy fitness (``bbt.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs
+from vlmtune.capabilities import Capability
+from vlmtune.methods._blackbox import BlackBoxClassifier, SubspacePrompt, make_cma, query_scores
+from vlmtune.methods._refine import RefinementHead
+from vlmtune.methods.base import Method, Task, register_method
+
+log = logging.getLogger(__name__)
+
+# Budget by shots (reference code): 8000 evaluations for 8/16 shots, 4000 for 2/4, 2000 for 1.
+BUDGET_BY_SHOTS = ((8, 8000), (2, 4000), (1, 2000))
+
+
+def budget_for_shots(shots: int) -> int:
+    return next((b for s, b in BUDGET_BY_SHOTS if shots >= s), 2000)
+
+
+@dataclass(frozen=True)
+class BBTConfig:
+    n_ctx: int = 4  # prompt length (tokens of "a photo of a")
+    subspace: int = 512  # d0
+    popsize: int = 40  # lambda
+    a_std: float = 0.02  # A ~ N(0, std); paper "N(0, 0.02)"; reference code: 0.2 (1.0 on ImageNet)
+    sigma0: float = 0.02  # CMA-ES initial step size (reference code; ImageNet: 1.0)
+    bounds: float | None = 5.0  # box bounds on z (reference code; ImageNet: None)
+    budget: int | None = None  # total queries; None = by shots (8000 / 4000 / 2000)
+    template: str | None = None  # None = the task's first template
+
+
+@dataclass(frozen=True)
+class CraftConfig(BBTConfig):
+    head_layers: int = 3  # paper: 3-layer MLP; reference code: 2
+    head_hidden: int = 512  # paper: 512; reference code: 256 (512 on ImageNet)
+    optimizer: str = "adamw"  # paper: AdamW; reference code: "adam"
+    lr: float = 1e-3
+    batch_size: int = 256
+    lambda_i: float | None = None  # None = 0.1 / K (paper)
+    lambda_o: float | None = None  # None = 0.1 / K (paper)
+    kl_direction: str = "paper"  # "paper": KL(Y_I||Y_O) in L_I, KL(Y_O||Y_I) in L_O; "reversed" swaps them
+    # ablation switches (paper Tables 3, 4, 7)
+    use_prompt: bool = True  # False = PR only
+    use_head: bool = True  # False = PG only
+    collaborative: bool = True  # False = PG to the end, then PR, no consistency terms
+    residual: bool = True  # False = Y_O = R(Y_I)
+    head: str = "mlp"  # "mlp" or "linear"
+
+
+def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) of softmax distributions, averaged over the batch."""
+    logp, logq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def _init_(module: nn.Module, generator: torch.Generator) -> None:
+    """torch's default Linear init, drawn from ``generator``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            bound = 1 / math.sqrt(m.in_features)
+            with torch.no_grad():
+                m.weight.uniform_(-bound, bound, generator=generator)
+                m.bias.uniform_(-bound, bound, generator=generator)
+
+
+class CollaborativeTrainer:
+    """Algorithm 1, with the switches that give BBT and the ablation rows."""
+
+    def __init__(
+        self,
+        cfg: CraftConfig,
+        box: BlackBoxVLM,
+        task: Task,
+        generator: torch.Generator,
+        classifier_cls: type[BlackBoxClassifier] = BlackBoxClassifier,
+    ) -> None:
+        if not isinstance(task.train, ImageRefs):
+            raise TypeError("black-box methods train on uploaded image ids (ImageRefs)")
+        self.cfg, self.box, self.task, self.gen = cfg, box, task, generator
+        self.classifier_cls = classifier_cls
+        self.refs: ImageRefs = task.train
+        self.labels = torch.as_tensor(self.refs.labels, dtype=torch.long)
+        self.k = task.num_classes
+        self.template = cfg.template or task.templates[0]
+        shots = max(1, len(self.refs) // max(1, self.k))
+        self.budget = cfg.budget if cfg.budget is not None else budget_for_shots(shots)
+        self.lambda_i = cfg.lambda_i if cfg.lambda_i is not None else 0.1 / self.k
+        self.lambda_o = cfg.lambda_o if cfg.lambda_o is not None else 0.1 / self.k
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        self.prompt = SubspacePrompt.sample(cfg.n_ctx, box.info().token_width, cfg.subspace, cfg.a_std,
+                                            np.random.default_rng(seed))  # fmt: skip
+        self.es = make_cma(cfg.subspace, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
+        self.head: RefinementHead | None = None
+        if cfg.use_head:
+            hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
+            self.head = RefinementHead(self.k, hidden, layers, cfg.residual)
+            _init_(self.head, generator)
+            opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+            self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
+        self.used = 0
+
+    # ---- one generation of each module ----------------------------------------------------------------
+    def _refine(self, y_i: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None
+        return self.head(y_i)
+
+    def fitness(self, scores: torch.Tensor, consistency: bool) -> list[float]:
+        """L_I (Eq. 5) of each candidate: scores (C, N, K) -> C values."""
+        out = []
+        with torch.no_grad():
+            for y_i in scores:
+                loss = F.cross_entropy(y_i, self.labels)
+                if consistency and self.head is not None:
+                    y_o = self._refine(y_i)
+                    loss = loss + self.lambda_i * (
+                        kl_div(y_i, y_o) if self.cfg.kl_direction == "paper" else kl_div(y_o, y_i)
+                    )
+                out.append(float(loss))
+        return out
+
+    def prompt_step(self, consistency: bool) -> None:
+        z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
+        scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.prompt.contexts(z))
+        self.used += len(z)
+        self.es.tell(list(z), self.fitness(scores, consistency))
+
+    def mean_context(self) -> np.ndarray | None:
+        return self.prompt.contexts(self.es.mean[None]) if self.cfg.use_prompt else None  # E_z[A z], (1, n, d)
+
+    def head_epoch(self, y_i: torch.Tensor, consistency: bool) -> None:
+        """One epoch of R on (Y_I, Y) with L_O (Eq. 6)."""
+        assert self.head is not None
+        order = torch.randperm(len(self.labels), generator=self.gen)
+        for start in range(0, len(order), self.cfg.batch_size):
+            idx = order[start : start + self.cfg.batch_size]
+            y_in, y = y_i[idx], self.labels[idx]
+            y_o = self._refine(y_in)  # Eq. (3)
+            loss = F.cross_entropy(y_o, y)
+            if consistency:
+                kl = kl_div(y_o, y_in) if self.cfg.kl_direction == "paper" else kl_div(y_in, y_o)
+                loss = loss + self.lambda_o * kl  # Eq. (6)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+    def mean_scores(self) -> torch.Tensor:
+        scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.mean_context())[0]
+        self.used += 1
+        return scores  # (N, K)
+
+    # ---- Algorithm 1 and its ablations -----------------------------------------------------------------
+    def run(self) -> BlackBoxClassifier:
+        cfg = self.cfg
+        collab = cfg.use_prompt and cfg.use_head and cfg.collaborative
+        head_epochs = self.budget // (cfg.popsize + 1)  # as many head epochs as the full method has generations
+        if cfg.use_prompt:
+            cost = cfg.popsize + (1 if collab else 0)  # lambda candidates (+ the mean prompt for the head)
+            reserve = 1 if cfg.use_head and not collab else 0  # one query left for the head's inputs
+            generations = (self.budget - reserve) // cost
+            for g in range(generations):
+                self.prompt_step(consistency=collab)  # Algorithm 1, lines 5-7
+                if collab:
+                    self.head_epoch(self.mean_scores(), consistency=True)  # lines 9-14
+                if (g + 1) % 25 == 0:
+                    log.info("generation %d/%d, %d queries", g + 1, generations, self.used)
+        if self.head is not None and not collab:  # PR only, or PG then PR without collaboration
+            y_i = self.mean_scores()
+            for _ in range(head_epochs):
+                self.head_epoch(y_i, consistency=False)
+        ctx = self.mean_context()
+        context = torch.as_tensor(ctx[0]) if ctx is not None else None
+        head_meta = None
+        if self.head is not None:
+            hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
+            head_meta = {"k": self.k, "hidden": hidden, "layers": layers, "residual": cfg.residual}
+            self.head.eval()
+        return self.classifier_cls(self.task.classnames, self.template, context, self.head, head_meta)
+
+
+class CraftClassifier(BlackBoxClassifier):
+    pass
+
+
+@register_method("craft")
+class Craft(Method):
+    """CraFT / CARROT: CMA-ES prompt search + residual refinement head, trained collaboratively."""
+
+    capability = Capability.BLACK_BOX
+    config_cls = CraftConfig
+    classifier = CraftClassifier
+    summary = "CraFT (= CARROT): CMA-ES subspace prompts + residual refinement head, collaborative training"
+
+    def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
+        return CollaborativeTrainer(self.config, handle, task, generator, CraftClassifier).run()

@@ -1,0 +1,58 @@
+"""BBT and CraFT on the toy world: they adapt through the black box alone (fixed seeds, tests that can fail)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmtune.blackbox.api import QueryBudget
+from vlmtune.blackbox.local import LocalBlackBox
+from vlmtune.data import few_shot, load_dataset
+from vlmtune.methods.base import Task, get_method, make_config
+from vlmtune.metrics import accuracy
+from vlmtune.runs.runner import RunConfig, run, upload_split
+
+
+def _setup(toy, dataset, budget=None):
+    splits = load_dataset(dataset)
+    box = LocalBlackBox(toy, QueryBudget(budget))
+    train = few_shot(splits["train"], 16, 1)
+    task = Task(train.classnames, train.templates, train=upload_split(box, train, False))
+    return box, task, upload_split(box, splits["test"], False)
+
+
+def _acc(method, toy, box, task, test, seed=1, **options):
+    cls = get_method(method)
+    clf = cls(make_config(cls, options)).fit(box, task, generator=torch.Generator().manual_seed(seed))
+    return accuracy(clf.predict_blackbox(box, test), test.labels)
+
+
+def test_methods_keep_to_their_budget_and_the_box_enforces_it(toy):
+    box, task, _ = _setup(toy, "toy:shapes-sketch", budget=250)
+    used = box.usage().used
+    cls = get_method("craft")
+    cls(make_config(cls, {"budget": 110, "popsize": 10, "subspace": 32})).fit(
+        box, task, generator=torch.Generator().manual_seed(1)
+    )
+    assert box.usage().used - used == 110  # 10 generations x (10 candidates + 1 mean prompt)
+    from vlmtune.blackbox.api import BudgetExceeded
+
+    with pytest.raises(BudgetExceeded):
+        cls(make_config(cls, {"budget": 200, "popsize": 10, "subspace": 32})).fit(
+            box, task, generator=torch.Generator().manual_seed(1)
+        )
+
+
+def test_short_budget_bbt_and_craft_beat_zero_shot_on_sketches(toy):
+    box, task, test = _setup(toy, "toy:shapes-sketch")
+    zero_shot = run(RunConfig(method="zeroshot", dataset="toy:shapes-sketch"), progress=False).accuracy["test"]
+    bbt = _acc("bbt", toy, box, task, test, budget=800)
+    craft = _acc("craft", toy, box, task, test, budget=820)
+    assert bbt >= zero_shot + 10 and craft >= zero_shot + 10
+
+
+def test_runner_reports_queries(tmp_path):
+    res = run(RunConfig(method="bbt", dataset="toy:nonce-shapes", shots=4, options={"budget": 100, "popsize": 10}),
+              out_dir=tmp_path, progress=False)  # fmt: skip
+    assert res.queries == 100
+    assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 1_000_000
