@@ -56,3 +56,18 @@ def test_runner_reports_queries(tmp_path):
               out_dir=tmp_path, progress=False)  # fmt: skip
     assert res.queries == 100
     assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 1_000_000
+
+
+def test_accuracy_vs_queries_curve_does_not_change_the_result(tmp_path):
+    options = {"budget": 132, "popsize": 10, "subspace": 32}
+    plain = run(RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2, options=options), progress=False)
+    cfg = RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2, options=options, curve_every=33)
+    curved = run(cfg, out_dir=tmp_path, progress=False)
+    assert curved.accuracy == plain.accuracy
+    queries = [q for q, _ in curved.curve]
+    assert queries == sorted(queries) and queries[-1] == curved.queries == 132 and len(queries) >= 4
+    assert curved.curve[-1][1] == curved.accuracy["test"]
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows[0] == "queries,test_accuracy" and len(rows) == len(queries) + 1
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

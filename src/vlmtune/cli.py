@@ -82,6 +82,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         device=args.device,
         skip_corrupt=args.skip_corrupt,
+        query_budget=args.query_budget,
+        curve_every=args.curve_every,
     )
     out = Path(
         args.out
@@ -234,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsample", choices=("all", "base", "new"), default="all")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-<k>shot-seed<s>)")
+    p.add_argument("--query-budget", type=int, default=None, help="hard limit of the training black box")
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        default=None,
+        help="black-box methods: test accuracy every N queries -> curve.csv / curve.png",
+    )
     p.set_defaults(fn=cmd_fit)
 
     p = sub.add_parser("eval", help="score a saved run on a dataset split")

@@ -84,7 +84,7 @@ class LocalBlackBox:
         prompts = self._prompt_embeddings(request)  # validates context length too
         (budget or self.budget).charge(request.n_candidates)  # atomic: over budget raises before any model work
         images = torch.stack([self._features[i] for i in request.image_ids])  # (N, D)
-        return self._scores(images, *prompts).numpy()
+        return self._scores(images, *prompts).float().numpy()
 
     # ---- text side --------------------------------------------------------------------------------------
     def _prompt_embeddings(

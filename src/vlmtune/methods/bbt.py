@@ -15,7 +15,7 @@ from vlmtune.blackbox.api import BlackBoxVLM
 from vlmtune.capabilities import Capability
 from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Method, Task, register_method
-from vlmtune.methods.craft import BBTConfig, CollaborativeTrainer, CraftConfig
+from vlmtune.methods.craft import BBTConfig, CollaborativeTrainer, CraftConfig, trainer_run
 
 
 class BBTClassifier(BlackBoxClassifier):
@@ -33,4 +33,4 @@ class BBT(Method):
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
         cfg = CraftConfig(**asdict(self.config), use_head=False)
-        return CollaborativeTrainer(cfg, handle, task, generator, BBTClassifier).run()
+        return trainer_run(CollaborativeTrainer(cfg, handle, task, generator, BBTClassifier), self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,8 @@ from vlmtune.methods._refine import RefinementHead
 from vlmtune.methods.base import Method, Task, register_method
 
 log = logging.getLogger(__name__)
+
+Monitor = Callable[[int, "BlackBoxClassifier"], None]  # (queries used, snapshot adapter)
 
 # Budget by shots (reference code): 8000 evaluations for 8/16 shots, 4000 for 2/4, 2000 for 1.
 BUDGET_BY_SHOTS = ((8, 8000), (2, 4000), (1, 2000))
@@ -117,6 +120,9 @@ class CollaborativeTrainer:
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
         self.used = 0
+        self.monitor: Monitor | None = None
+        self.monitor_every = 0
+        self._next_report = 0
 
     # ---- one generation of each module ----------------------------------------------------------------
     def _refine(self, y_i: torch.Tensor) -> torch.Tensor:
@@ -182,22 +188,47 @@ class CollaborativeTrainer:
                     self.head_epoch(self.mean_scores(), consistency=True)  # lines 9-14
                 if (g + 1) % 25 == 0:
                     log.info("generation %d/%d, %d queries", g + 1, generations, self.used)
+                self._report(final=False)
         if self.head is not None and not collab:  # PR only, or PG then PR without collaboration
             y_i = self.mean_scores()
             for _ in range(head_epochs):
                 self.head_epoch(y_i, consistency=False)
+        self._report(final=True)
+        return self.snapshot()
+
+    def snapshot(self) -> BlackBoxClassifier:
+        """The current adapter: prompt E_z[p0 + A z] (Algorithm 1, line 16) and a copy of the head."""
+        cfg = self.cfg
         ctx = self.mean_context()
-        context = torch.as_tensor(ctx[0]) if ctx is not None else None
-        head_meta = None
+        context = torch.as_tensor(ctx[0]).clone() if ctx is not None else None
+        head, head_meta = None, None
         if self.head is not None:
             hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
             head_meta = {"k": self.k, "hidden": hidden, "layers": layers, "residual": cfg.residual}
-            self.head.eval()
-        return self.classifier_cls(self.task.classnames, self.template, context, self.head, head_meta)
+            head = RefinementHead(self.k, hidden, layers, cfg.residual)
+            head.load_state_dict(self.head.state_dict())
+            head.eval()
+        return self.classifier_cls(self.task.classnames, self.template, context, head, head_meta)
+
+    def _report(self, final: bool) -> None:
+        """Hand snapshots to the caller's monitor every ``monitor_every`` queries (accuracy-vs-queries curves)."""
+        if self.monitor is None or not self.monitor_every:
+            return
+        if final or self.used >= self._next_report:
+            self.monitor(self.used, self.snapshot())
+            while self._next_report <= self.used:
+                self._next_report += self.monitor_every
 
 
 class CraftClassifier(BlackBoxClassifier):
     pass
+
+
+def trainer_run(trainer: CollaborativeTrainer, method: Method) -> BlackBoxClassifier:
+    """Run ``trainer`` with the method's monitor (set by the runner for accuracy-vs-queries curves)."""
+    trainer.monitor = getattr(method, "monitor", None)
+    trainer.monitor_every = getattr(method, "monitor_every", 0)
+    return trainer.run()
 
 
 @register_method("craft")
@@ -210,4 +241,4 @@ class Craft(Method):
     summary = "CraFT (= CARROT): CMA-ES subspace prompts + residual refinement head, collaborative training"
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
-        return CollaborativeTrainer(self.config, handle, task, generator, CraftClassifier).run()
+        return trainer_run(CollaborativeTrainer(self.config, handle, task, generator, CraftClassifier), self)

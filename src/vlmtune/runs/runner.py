@@ -51,6 +51,8 @@ class RunConfig:
         data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
         device: torch device for the backbone.
         skip_corrupt: drop unreadable images (each logged) instead of failing on the first one.
+        curve_every: for black-box methods, score the current adapter on test every this many queries
+            (accuracy-vs-queries curve; test scoring uses a separate box and never feeds back into training).
         query_budget: hard limit of the black box a ``BLACK_BOX`` method trains against (None = unlimited; the
             method keeps to its own budget either way, and the queries used are reported).
     """
@@ -67,6 +69,7 @@ class RunConfig:
     device: str = "cpu"
     skip_corrupt: bool = False
     query_budget: int | None = None
+    curve_every: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,7 @@ class RunResult:
     classifier: Classifier
     method_config: dict[str, Any]
     queries: int | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +94,7 @@ class RunResult:
             "n_train": self.n_train,
             "fit_seconds": round(self.fit_seconds, 3),
             "queries": self.queries,
+            "curve": [{"queries": q, "test": a} for q, a in self.curve],
         }
 
 
@@ -194,11 +199,19 @@ def _run_black_box(
         train_split = few_shot(train_split, cfg.shots, cfg.seed)
     box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget))
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
+    eval_box = LocalBlackBox(backbone)  # unmetered, separate from the training box
+    test = upload_split(eval_box, base_new_split(splits["test"], cfg.subsample), progress)
+    curve: list[tuple[int, float]] = []
+    if cfg.curve_every:
+        method.monitor_every = cfg.curve_every
+        method.monitor = lambda used, clf: curve.append(
+            (used, accuracy(clf.predict_blackbox(eval_box, test), test.labels))
+        )
     start = time.perf_counter()
     classifier = method.fit(box, task, generator=generator)
     fit_seconds = time.perf_counter() - start
-    acc = score_split(classifier, backbone, base_new_split(splits["test"], cfg.subsample), None, progress)
-    return RunResult(cfg, {"test": acc}, len(train_split), fit_seconds, classifier, {}, queries=box.usage().used)
+    acc = accuracy(classifier.predict_blackbox(eval_box, test), test.labels)
+    return RunResult(cfg, {"test": acc}, len(train_split), fit_seconds, classifier, {}, box.usage().used, curve)
 
 
 def write_run_dir(folder: Path, result: RunResult) -> None:
@@ -212,6 +225,10 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
     )
     (folder / "results.md").write_text(table + "\n")
     result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset)
+    if result.curve:
+        from vlmtune.runs.plots import write_curve
+
+        write_curve(folder, result.curve, f"{cfg.method} on {cfg.dataset}, {cfg.shots}-shot, seed {cfg.seed}")
 
 
 def open_cache(path: str | Path | None, enabled: bool = True) -> FeatureCache | None:

@@ -1,0 +1,35 @@
+"""Plots people would rather look at than read: accuracy vs queries (CraFT paper, Fig. 3)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def write_curve(folder: Path, curve: Sequence[tuple[int, float]], title: str) -> None:
+    """``curve.csv`` (queries, test accuracy) and, when matplotlib is installed, ``curve.png``."""
+    with (folder / "curve.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["queries", "test_accuracy"])
+        writer.writerows((q, f"{a:.2f}") for q, a in curve)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: curve.png skipped (pip install 'vlmtune[plot]')")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot([q for q, _ in curve], [a for _, a in curve], marker="o", markersize=3)
+    ax.set_xlabel("queries to the black box")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "curve.png")
+    plt.close(fig)
