@@ -71,3 +71,36 @@ def test_accuracy_vs_queries_curve_does_not_change_the_result(tmp_path):
     assert rows[0] == "queries,test_accuracy" and len(rows) == len(queries) + 1
     pytest.importorskip("matplotlib")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.runs.journal import FileJournal
+
+    cfg = RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2,
+                    options={"budget": 330, "popsize": 10, "subspace": 32})  # fmt: skip
+    full = run(cfg, out_dir=tmp_path / "full", progress=False)
+    record, calls = FileJournal.record, []
+
+    def dying(self, rec):
+        record(self, rec)
+        calls.append(1)
+        if len(calls) == 27:  # mid-way: 2 chunks of 10 steps on disk, 7 steps lost
+            raise Killed
+
+    monkeypatch.setattr(FileJournal, "record", dying)
+    with pytest.raises(Killed):
+        run(cfg, out_dir=tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    resumed = run(cfg, out_dir=tmp_path / "run", progress=False, resume=True)
+    assert resumed.accuracy == full.accuracy and resumed.queries == full.queries == 330
+    torch.testing.assert_close(resumed.classifier.context, full.classifier.context, rtol=0, atol=0)
+    for a, b in zip(resumed.classifier.head.parameters(), full.classifier.head.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2, seed=2, options=cfg.options)
+    with pytest.raises(VlmtuneError, match="different configuration"):
+        run(other, out_dir=tmp_path / "run", progress=False, resume=True)

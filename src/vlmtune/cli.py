@@ -89,7 +89,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         args.out
         or f"runs/{args.method}-{args.dataset.replace(':', '_').replace('/', '_')}-{args.shots}shot-seed{args.seed}"
     )
-    run(cfg, out_dir=out, cache=open_cache(args.cache_dir, not args.no_cache), progress=not args.quiet)
+    run(
+        cfg,
+        out_dir=out,
+        cache=open_cache(args.cache_dir, not args.no_cache),
+        progress=not args.quiet,
+        resume=args.resume,
+    )
     print((out / "results.md").read_text(), end="")
     print(f"run directory: {out}")
     return 0
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-<k>shot-seed<s>)")
     p.add_argument("--query-budget", type=int, default=None, help="hard limit of the training black box")
+    p.add_argument("--resume", action="store_true", help="continue the black-box run stopped in --out")
     p.add_argument(
         "--curve-every",
         type=int,

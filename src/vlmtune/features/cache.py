@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vlmtune._io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,6 @@ class FeatureKey:
 def default_cache_dir() -> Path:
     """``$VLMTUNE_CACHE`` or ``~/.cache/vlmtune``."""
     return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune")).expanduser()
-
-
-def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class FeatureCache:
@@ -79,6 +69,6 @@ class FeatureCache:
         if self.root is None:
             return
         data, meta = self._paths(key)
-        _atomic_write(data, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+        atomic_write(data, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         sidecar = {"key": asdict(key), "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-        _atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
+        atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))

@@ -30,6 +30,21 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
 ProgressFn = Callable[[str, int, int], None]
 
 
+@dataclass
+class TrainingHooks:
+    """What the runner may hand a long-running method (all optional; methods never write files themselves).
+
+    Attributes:
+        monitor: called with (queries or steps used, snapshot classifier) every ``monitor_every`` units.
+        monitor_every: spacing of monitor calls (0 = never).
+        journal: an append-only log of the method's past generations, for exact resumption (see ``runs.journal``).
+    """
+
+    monitor: Callable[[int, Classifier], None] | None = None
+    monitor_every: int = 0
+    journal: Any = None
+
+
 @dataclass(frozen=True)
 class Task:
     """What a method adapts to.
@@ -118,6 +133,7 @@ class Method(ABC):
     def __init__(self, config: Any = None, progress: ProgressFn | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
         self.progress = progress
+        self.hooks = TrainingHooks()
 
     @abstractmethod
     def fit(self, handle: Any, task: Task, *, generator: torch.Generator) -> Classifier:

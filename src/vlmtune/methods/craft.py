@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +24,25 @@ from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs
 from vlmtune.capabilities import Capability
 from vlmtune.methods._blackbox import BlackBoxClassifier, SubspacePrompt, make_cma, query_scores
 from vlmtune.methods._refine import RefinementHead
-from vlmtune.methods.base import Method, Task, register_method
+from vlmtune.methods.base import Method, Task, TrainingHooks, register_method
 
 log = logging.getLogger(__name__)
 
-Monitor = Callable[[int, "BlackBoxClassifier"], None]  # (queries used, snapshot adapter)
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """What one step consumed from the black box: enough to replay it exactly without querying again.
+
+    Attributes:
+        fitness: (lambda,) L_I of the candidates (prompt steps), or None.
+        head_scores: (N, K) black-box scores the head trained on (head steps), or None.
+        queries: queries the step spent.
+    """
+
+    fitness: np.ndarray | None
+    head_scores: np.ndarray | None
+    queries: int
+
 
 # Budget by shots (reference code): 8000 evaluations for 8/16 shots, 4000 for 2/4, 2000 for 1.
 BUDGET_BY_SHOTS = ((8, 8000), (2, 4000), (1, 2000))
@@ -120,9 +133,9 @@ class CollaborativeTrainer:
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
         self.used = 0
-        self.monitor: Monitor | None = None
-        self.monitor_every = 0
+        self.hooks = TrainingHooks()
         self._next_report = 0
+        self._replay: list[GenerationRecord] = []
 
     # ---- one generation of each module ----------------------------------------------------------------
     def _refine(self, y_i: torch.Tensor) -> torch.Tensor:
@@ -143,11 +156,25 @@ class CollaborativeTrainer:
                 out.append(float(loss))
         return out
 
+    def _next_record(self) -> GenerationRecord | None:
+        return self._replay.pop(0) if self._replay else None
+
+    def _log(self, record: GenerationRecord) -> None:
+        self.used += record.queries
+        if self.hooks.journal is not None:
+            self.hooks.journal.record(record)
+
     def prompt_step(self, consistency: bool) -> None:
         z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
-        scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.prompt.contexts(z))
-        self.used += len(z)
-        self.es.tell(list(z), self.fitness(scores, consistency))
+        record = self._next_record()
+        if record is None:  # live: query the box (replayed steps reuse the logged fitness)
+            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.prompt.contexts(z))
+            record = GenerationRecord(np.array(self.fitness(scores, consistency)), None, len(z))
+            self._log(record)
+        else:
+            self.used += record.queries
+        assert record.fitness is not None
+        self.es.tell(list(z), record.fitness.tolist())
 
     def mean_context(self) -> np.ndarray | None:
         return self.prompt.contexts(self.es.mean[None]) if self.cfg.use_prompt else None  # E_z[A z], (1, n, d)
@@ -169,13 +196,24 @@ class CollaborativeTrainer:
             self.opt.step()
 
     def mean_scores(self) -> torch.Tensor:
-        scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.mean_context())[0]
-        self.used += 1
-        return scores  # (N, K)
+        """Black-box scores (N, K) of the mean prompt E_z[p0 + A z]: the head's inputs (one query)."""
+        record = self._next_record()
+        if record is None:
+            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.mean_context())[0]
+            record = GenerationRecord(None, scores.numpy(), 1)
+            self._log(record)
+        else:
+            self.used += record.queries
+        assert record.head_scores is not None
+        return torch.as_tensor(record.head_scores)  # (N, K)
 
     # ---- Algorithm 1 and its ablations -----------------------------------------------------------------
     def run(self) -> BlackBoxClassifier:
         cfg = self.cfg
+        if self.hooks.journal is not None:
+            self._replay = list(self.hooks.journal.replay())  # resume: replay logged steps, then go on live
+            if self._replay:
+                log.info("resuming: replaying %d logged steps", len(self._replay))
         collab = cfg.use_prompt and cfg.use_head and cfg.collaborative
         head_epochs = self.budget // (cfg.popsize + 1)  # as many head epochs as the full method has generations
         if cfg.use_prompt:
@@ -212,12 +250,13 @@ class CollaborativeTrainer:
 
     def _report(self, final: bool) -> None:
         """Hand snapshots to the caller's monitor every ``monitor_every`` queries (accuracy-vs-queries curves)."""
-        if self.monitor is None or not self.monitor_every:
+        every = self.hooks.monitor_every
+        if self.hooks.monitor is None or not every:
             return
         if final or self.used >= self._next_report:
-            self.monitor(self.used, self.snapshot())
+            self.hooks.monitor(self.used, self.snapshot())
             while self._next_report <= self.used:
-                self._next_report += self.monitor_every
+                self._next_report += every
 
 
 class CraftClassifier(BlackBoxClassifier):
@@ -225,9 +264,8 @@ class CraftClassifier(BlackBoxClassifier):
 
 
 def trainer_run(trainer: CollaborativeTrainer, method: Method) -> BlackBoxClassifier:
-    """Run ``trainer`` with the method's monitor (set by the runner for accuracy-vs-queries curves)."""
-    trainer.monitor = getattr(method, "monitor", None)
-    trainer.monitor_every = getattr(method, "monitor_every", 0)
+    """Run ``trainer`` with the hooks the runner gave the method (curve monitor, resume journal)."""
+    trainer.hooks = method.hooks
     return trainer.run()
 
 

@@ -30,6 +30,7 @@ from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extrac
 from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Task, get_method, make_config
 from vlmtune.metrics import accuracy
+from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -153,15 +154,21 @@ def run(
     progress: bool = True,
     backbone: Backbone | None = None,
     splits: dict[str, DatasetSplit] | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Fit ``cfg.method`` and score it on the test split (of the same class subsample)."""
+    """Fit ``cfg.method`` and score it on the test split (of the same class subsample).
+
+    With ``out_dir``, black-box runs keep a journal in ``<out_dir>/state``; ``resume=True`` continues a run
+    that was stopped and ends with the result an uninterrupted run would have given.
+    """
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
     splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
     method_cls = get_method(cfg.method)
     method_config = make_config(method_cls, cfg.options)
     generator = torch.Generator().manual_seed(cfg.seed)
     if method_cls.capability is Capability.BLACK_BOX:
-        result = _run_black_box(cfg, backbone, splits, method_cls(method_config), generator, progress)
+        journal = FileJournal(Path(out_dir) / "state", cfg.to_json(), resume) if out_dir is not None else None
+        result = _run_black_box(cfg, backbone, splits, method_cls(method_config), generator, progress, journal)
     else:
         source = FeatureSource(backbone, cache, progress)
         task, n_train = make_task(splits, source, cfg)
@@ -192,24 +199,28 @@ def _run_black_box(
     method: Any,
     generator: torch.Generator,
     progress: bool,
+    journal: FileJournal | None = None,
 ) -> RunResult:
     """A black-box method sees only a ``LocalBlackBox``; test scoring uses a separate, unmetered box."""
     train_split = base_new_split(splits["train"], cfg.subsample)
     if cfg.shots > 0:
         train_split = few_shot(train_split, cfg.shots, cfg.seed)
-    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget))
+    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=journal.queries if journal else 0))
+    method.hooks.journal = journal
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
     eval_box = LocalBlackBox(backbone)  # unmetered, separate from the training box
     test = upload_split(eval_box, base_new_split(splits["test"], cfg.subsample), progress)
     curve: list[tuple[int, float]] = []
     if cfg.curve_every:
-        method.monitor_every = cfg.curve_every
-        method.monitor = lambda used, clf: curve.append(
+        method.hooks.monitor_every = cfg.curve_every
+        method.hooks.monitor = lambda used, clf: curve.append(
             (used, accuracy(clf.predict_blackbox(eval_box, test), test.labels))
         )
     start = time.perf_counter()
     classifier = method.fit(box, task, generator=generator)
     fit_seconds = time.perf_counter() - start
+    if journal is not None:
+        journal.flush()
     acc = accuracy(classifier.predict_blackbox(eval_box, test), test.labels)
     return RunResult(cfg, {"test": acc}, len(train_split), fit_seconds, classifier, {}, box.usage().used, curve)
 
