@@ -150,3 +150,21 @@ def test_over_budget_is_429(service):
         f"{url}/v1/predict", json={"image_ids": ids, "classnames": classnames}, headers={"X-API-Key": "tiny"}
     )
     assert r.status_code == 429 and r.json()["limit"] == 1
+
+
+def test_cli_predict_with_a_black_box_adapter_against_the_service(service, tmp_path, capsys):
+    from vlmtune.cli import main
+    from vlmtune.runs.runner import RunConfig, run
+
+    url, _, budgets = service
+    cfg = RunConfig(method="bbt", dataset="toy:shapes-sketch", shots=2, options={"budget": 40, "popsize": 10})
+    run(cfg, out_dir=tmp_path / "run", progress=False)
+    test = load_dataset("toy:shapes-sketch")["test"]
+    for i in (0, 400):
+        test.image(i).save(tmp_path / f"{i}.png")
+    used = budgets["big"].used
+    assert main(["-q", "predict", "--run", str(tmp_path / "run"), str(tmp_path / "0.png"), str(tmp_path / "400.png"),
+                 "--out", "-", "--service", url, "--api-key", "big"]) == 0  # fmt: skip
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 2 and all(r.split(",")[1] in test.classnames for r in rows)
+    assert budgets["big"].used == used + 1  # one query for the batch

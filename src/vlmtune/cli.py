@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,16 +150,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vlmtune.data.base import open_image
 
     clf, meta, _ = _load_run(Path(args.run))
-    backbone = load_backbone(meta["backbone"], args.device)
-    if args.classnames:
-        clf = clf.for_classnames([c.strip() for c in args.classnames.split(",")], backbone)
     files = _collect_images(args.images)
-    box = None
+    box, backbone = None, None
     if hasattr(clf, "predict_blackbox"):
         from vlmtune.blackbox.api import ImageRefs
-        from vlmtune.blackbox.local import LocalBlackBox
 
-        box = LocalBlackBox(backbone)
+        if args.service:  # the adapter's prompt and head, the service's model
+            from vlmtune.blackbox.client import HttpBlackBox
+
+            box = HttpBlackBox(args.service, args.api_key or os.environ.get("VLMTUNE_API_KEY", ""))
+        else:
+            from vlmtune.blackbox.local import LocalBlackBox
+
+            box = LocalBlackBox(load_backbone(meta["backbone"], args.device))
+    else:
+        backbone = load_backbone(meta["backbone"], args.device)
+        if args.classnames:
+            clf = clf.for_classnames([c.strip() for c in args.classnames.split(",")], backbone)
     k = min(args.top_k, len(clf.classnames))
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(args.out, "w", newline="")) if args.out != "-" else sys.stdout
@@ -266,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV path, '-' for stdout")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--classnames", default=None, help="comma-separated class names (methods that allow new names)")
+    p.add_argument("--service", default=None, help="black-box adapters: URL of a vlmtune service to query")
+    p.add_argument("--api-key", default=None, help="key for --service (default: $VLMTUNE_API_KEY)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_predict)
 
