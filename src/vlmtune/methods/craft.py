@@ -147,12 +147,11 @@ class CollaborativeTrainer:
         out = []
         with torch.no_grad():
             for y_i in scores:
-                loss = F.cross_entropy(y_i, self.labels)
+                loss = F.cross_entropy(y_i, self.labels)  # (N, K) scores of one candidate
                 if consistency and self.head is not None:
-                    y_o = self._refine(y_i)
-                    loss = loss + self.lambda_i * (
-                        kl_div(y_i, y_o) if self.cfg.kl_direction == "paper" else kl_div(y_o, y_i)
-                    )
+                    y_o = self._refine(y_i)  # Eq. (3)
+                    kl = kl_div(y_i, y_o) if self.cfg.kl_direction == "paper" else kl_div(y_o, y_i)
+                    loss = loss + self.lambda_i * kl  # Eq. (5)
                 out.append(float(loss))
         return out
 
