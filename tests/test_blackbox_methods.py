@@ -104,3 +104,19 @@ def test_resume_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch)
     other = RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2, seed=2, options=cfg.options)
     with pytest.raises(VlmtuneError, match="different configuration"):
         run(other, out_dir=tmp_path / "run", progress=False, resume=True)
+
+
+def test_craft_artifact_is_under_1mb_for_100_classes_and_round_trips(tmp_path):
+    from vlmtune.methods._refine import RefinementHead
+    from vlmtune.methods.base import load_classifier
+    from vlmtune.methods.craft import CraftClassifier
+
+    meta = {"k": 100, "hidden": 512, "layers": 3, "residual": True}  # the paper's head
+    clf = CraftClassifier([f"class {i}" for i in range(100)], "a photo of a {}.", torch.randn(4, 512) * 0.01,
+                          RefinementHead(100, 512, 3), meta)  # fmt: skip
+    clf.save(tmp_path, backbone="openclip:ViT-B-32@openai")
+    size = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert size < 1_000_000
+    loaded, _ = load_classifier(tmp_path)
+    scores = torch.randn(7, 100) * 10
+    torch.testing.assert_close(loaded.refine(scores), clf.refine(scores), rtol=0, atol=0)

@@ -61,3 +61,14 @@ def test_cache_files_are_complete_and_damage_is_a_miss(toy, tmp_path):
     assert cache.get(feature_key(toy, split, patches=False)) is None
     extract_features(toy, split, cache, progress=False)  # rewritten
     assert cache.get(feature_key(toy, split, patches=False)) is not None
+
+
+def test_fingerprint_follows_in_place_weight_changes():
+    from vlmtune import load_backbone
+
+    backbone = load_backbone("toy", cache=False)
+    before = backbone.fingerprint()
+    assert backbone.fingerprint() == before  # memoised
+    with torch.no_grad():
+        next(backbone.module.parameters()).mul_(1.01)
+    assert backbone.fingerprint() != before

@@ -101,14 +101,19 @@ class Backbone(ABC):
         return next(self.module.parameters()).device
 
     def fingerprint(self) -> str:
-        """A short hash of the weights (part of feature-cache keys)."""
+        """A short hash of the weights (part of feature-cache keys); recomputed only after in-place changes."""
+        versions = tuple(t._version for t in self.module.state_dict().values())
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
         h = hashlib.sha256()
         for name, tensor in sorted(self.module.state_dict().items()):
             h.update(name.encode())
-            t = tensor.detach().float().cpu().flatten()
-            h.update(t[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a strided sample keeps this fast
+            t = tensor.detach().flatten()
+            h.update(t[:: max(1, t.numel() // 4096)].float().cpu().numpy().tobytes())  # a strided sample: fast
             h.update(str(tuple(tensor.shape)).encode())
-        return h.hexdigest()[:16]
+        self._fingerprint = (versions, h.hexdigest()[:16])
+        return self._fingerprint[1]
 
     def encode_text_embeddings(
         self, embeds: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True

@@ -58,7 +58,13 @@ def query_scores(
 
 
 class BlackBoxClassifier(Classifier):
-    """A learned prompt offset (added to the template context by the box) and an optional refinement head."""
+    """A learned prompt offset (added to the template context by the box) and an optional refinement head.
+
+    The head is held at float16 precision (values rounded, computed in float32) so that the saved artifact, stored
+    as float16, predicts exactly what was evaluated and stays under 1 MB for K <= 100 with the paper's head.
+    """
+
+    storage_dtype = torch.float16
 
     def __init__(
         self,
@@ -70,9 +76,14 @@ class BlackBoxClassifier(Classifier):
     ) -> None:
         super().__init__(classnames)
         self.template = template
-        self.register_buffer("context", context if context is not None else torch.zeros(0))  # (n_ctx, d_tok)
+        ctx = context.half().float() if context is not None else torch.zeros(0)
+        self.register_buffer("context", ctx)  # (n_ctx, d_tok), float16 precision like the head
         self.head = head
         self.head_meta = head_meta or {}
+        if head is not None:
+            with torch.no_grad():
+                for p in head.parameters():
+                    p.copy_(p.half().float())
 
     def refine(self, scores: torch.Tensor) -> torch.Tensor:
         """Black-box scores (N, K) -> final logits (N, K)."""

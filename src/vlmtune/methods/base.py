@@ -72,6 +72,7 @@ class Classifier(nn.Module, ABC):
     """An adapted model: logits for image features, and saving/loading as safetensors + JSON."""
 
     method: ClassVar[str]
+    storage_dtype: ClassVar[torch.dtype] = torch.float32  # dtype of floating tensors in the saved artifact
 
     def __init__(self, classnames: Sequence[str]) -> None:
         super().__init__()
@@ -103,7 +104,10 @@ class Classifier(nn.Module, ABC):
         """Write ``adapter.safetensors`` + ``adapter.json`` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {
+            k: (v.to(self.storage_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+        }
         save_file(tensors, str(folder / "adapter.safetensors"))
         meta = {"method": self.method, "classnames": self.classnames, **self.extra_meta(), **info}
         (folder / "adapter.json").write_text(json.dumps(meta, indent=1))
@@ -115,7 +119,9 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     folder = Path(folder)
     meta = json.loads((folder / "adapter.json").read_text())
     cls = get_method(meta["method"]).classifier
-    tensors = load_file(str(folder / "adapter.safetensors"))
+    tensors = {
+        k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "adapter.safetensors")).items()
+    }
     return cls.from_state(tensors, meta), meta
 
 
