@@ -84,8 +84,10 @@ def main() -> None:
     ours = batched()
     t2 = time.perf_counter()
     rel = np.max(np.abs(np.array(ours) - np.array(ref)) / np.maximum(np.abs(ref), 1e-12))
-    print(f"{args.arch} text tower (random init), {args.popsize} candidates x {args.classes} classes, fp32, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"{args.arch} text tower (random init), {args.popsize} candidates x {args.classes} classes, fp32, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"reference serial full-context loop: {t1 - t0:.2f} s")
     print(f"vlmtune batched, truncated:         {t2 - t1:.2f} s")
     print(f"speed ratio {(t1 - t0) / (t2 - t1):.1f}x, max relative fitness difference {rel:.2e}")
@@ -96,8 +98,10 @@ def main() -> None:
             ours16 = batched()
             t4 = time.perf_counter()
         rel16 = np.max(np.abs(np.array(ours16) - np.array(ref)) / np.abs(ref))
-        print(f"vlmtune batched bf16:               {t4 - t3:.2f} s, ratio {(t1 - t0) / (t4 - t3):.1f}x, "
-              f"max relative difference {rel16:.2e}")  # fmt: skip
+        print(
+            f"vlmtune batched bf16:               {t4 - t3:.2f} s, ratio {(t1 - t0) / (t4 - t3):.1f}x, "
+            f"max relative difference {rel16:.2e}"
+        )
 
 
 if __name__ == "__main__":

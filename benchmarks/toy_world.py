@@ -39,8 +39,16 @@ def main() -> None:
                 cfg = RunConfig(method=method, dataset=f"toy:{name}", shots=args.shots, seed=seed)
                 accs[method].append(run(cfg, progress=False, backbone=backbone, splits=splits).accuracy["test"])
         gain = sum(accs["linear_probe"]) / len(args.seeds) - sum(accs["zeroshot"]) / len(args.seeds)
-        rows.append([f"toy:{name}", task.role, len(task.classes), fmt_mean_std(accs["zeroshot"]),
-                     fmt_mean_std(accs["linear_probe"]), f"{gain:+.1f}"])  # fmt: skip
+        rows.append(
+            [
+                f"toy:{name}",
+                task.role,
+                len(task.classes),
+                fmt_mean_std(accs["zeroshot"]),
+                fmt_mean_std(accs["linear_probe"]),
+                f"{gain:+.1f}",
+            ]
+        )
     table = markdown_table(
         ["task", "role", "classes", "zero-shot (%)", f"linear probe {args.shots}-shot (%)", "gain"], rows
     )

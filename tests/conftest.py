@@ -62,8 +62,10 @@ def toy_features():
 
 
 # Small black-box settings for the contract suite (the full-budget evidence lives in test_blackbox_methods.py).
-FAST_OPTIONS = {"bbt": {"budget": 200, "popsize": 10, "subspace": 64}, "craft": {"budget": 220, "popsize": 10,
-                "subspace": 64}}  # fmt: skip
+FAST_OPTIONS = {
+    "bbt": {"budget": 200, "popsize": 10, "subspace": 64},
+    "craft": {"budget": 220, "popsize": 10, "subspace": 64},
+}
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +90,11 @@ def toy_setup(toy):
                 box = LocalBlackBox(toy)
                 train = few_shot(splits["train"], 16, 1)
                 refs = upload_split(box, train, False)
-                boxes[dataset] = (box, Task(train.classnames, train.templates, train=refs),
-                                  upload_split(box, splits["test"], False))  # fmt: skip
+                boxes[dataset] = (
+                    box,
+                    Task(train.classnames, train.templates, train=refs),
+                    upload_split(box, splits["test"], False),
+                )
             box, task, test = boxes[dataset]
 
             def fit(seed: int = 1):

@@ -52,8 +52,11 @@ def test_short_budget_bbt_and_craft_beat_zero_shot_on_sketches(toy):
 
 
 def test_runner_reports_queries(tmp_path):
-    res = run(RunConfig(method="bbt", dataset="toy:nonce-shapes", shots=4, options={"budget": 100, "popsize": 10}),
-              out_dir=tmp_path, progress=False)  # fmt: skip
+    res = run(
+        RunConfig(method="bbt", dataset="toy:nonce-shapes", shots=4, options={"budget": 100, "popsize": 10}),
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert res.queries == 100
     assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 1_000_000
 
@@ -81,8 +84,9 @@ def test_resume_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch)
     from vlmtune.errors import VlmtuneError
     from vlmtune.runs.journal import FileJournal
 
-    cfg = RunConfig(method="craft", dataset="toy:nonce-shapes", shots=2,
-                    options={"budget": 330, "popsize": 10, "subspace": 32})  # fmt: skip
+    cfg = RunConfig(
+        method="craft", dataset="toy:nonce-shapes", shots=2, options={"budget": 330, "popsize": 10, "subspace": 32}
+    )
     full = run(cfg, out_dir=tmp_path / "full", progress=False)
     record, calls = FileJournal.record, []
 
@@ -112,8 +116,13 @@ def test_craft_artifact_is_under_1mb_for_100_classes_and_round_trips(tmp_path):
     from vlmtune.methods.craft import CraftClassifier
 
     meta = {"k": 100, "hidden": 512, "layers": 3, "residual": True}  # the paper's head
-    clf = CraftClassifier([f"class {i}" for i in range(100)], "a photo of a {}.", torch.randn(4, 512) * 0.01,
-                          RefinementHead(100, 512, 3), meta)  # fmt: skip
+    clf = CraftClassifier(
+        [f"class {i}" for i in range(100)],
+        "a photo of a {}.",
+        torch.randn(4, 512) * 0.01,
+        RefinementHead(100, 512, 3),
+        meta,
+    )
     clf.save(tmp_path, backbone="openclip:ViT-B-32@openai")
     size = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert size < 1_000_000

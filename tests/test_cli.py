@@ -80,8 +80,24 @@ def test_tour_single_task(tmp_path, capsys):
 
 def test_black_box_fit_eval_predict(tmp_path, capsys):
     run = tmp_path / "bbt"
-    args = ["-q", "fit", "--method", "bbt", "--dataset", "toy:shapes-sketch", "--shots", "2", "--out", str(run),
-            "--set", "budget=60", "--set", "popsize=10", "--set", "subspace=16"]  # fmt: skip
+    args = [
+        "-q",
+        "fit",
+        "--method",
+        "bbt",
+        "--dataset",
+        "toy:shapes-sketch",
+        "--shots",
+        "2",
+        "--out",
+        str(run),
+        "--set",
+        "budget=60",
+        "--set",
+        "popsize=10",
+        "--set",
+        "subspace=16",
+    ]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["queries"] == 60

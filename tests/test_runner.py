@@ -13,8 +13,9 @@ from vlmtune.runs.runner import RunConfig, run
 def test_run_directory_and_base_new(tmp_path):
     cfg = RunConfig(method="linear_probe", dataset="toy:toynet", shots=4, seed=2, subsample="base")
     res = run(cfg, out_dir=tmp_path / "run", progress=False)
-    assert res.classifier.classnames == [f"{t} {s}" for s in ("circle", "triangle", "square", "diamond", "star")
-                                         for t in ("solid", "striped")]  # fmt: skip
+    assert res.classifier.classnames == [
+        f"{t} {s}" for s in ("circle", "triangle", "square", "diamond", "star") for t in ("solid", "striped")
+    ]
     assert res.n_train == 4 * 10
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["subsample"] == "base" and saved["method_config"]["steps"] == 300

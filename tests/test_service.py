@@ -163,8 +163,25 @@ def test_cli_predict_with_a_black_box_adapter_against_the_service(service, tmp_p
     for i in (0, 400):
         test.image(i).save(tmp_path / f"{i}.png")
     used = budgets["big"].used
-    assert main(["-q", "predict", "--run", str(tmp_path / "run"), str(tmp_path / "0.png"), str(tmp_path / "400.png"),
-                 "--out", "-", "--service", url, "--api-key", "big"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--run",
+                str(tmp_path / "run"),
+                str(tmp_path / "0.png"),
+                str(tmp_path / "400.png"),
+                "--out",
+                "-",
+                "--service",
+                url,
+                "--api-key",
+                "big",
+            ]
+        )
+        == 0
+    )
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 2 and all(r.split(",")[1] in test.classnames for r in rows)
     assert budgets["big"].used == used + 1  # one query for the batch

@@ -220,8 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     budgets = load_keys(args.keys, args.budget)
     if args.keys is None:
         print(f"API key: {next(iter(budgets))}  (budget {args.budget})", flush=True)
-    app = create_app(LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name), budgets,
-                     args.max_body_mb * 2**20)  # fmt: skip
+    app = create_app(
+        LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name), budgets, args.max_body_mb * 2**20
+    )
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

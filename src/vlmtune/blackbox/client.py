@@ -21,8 +21,9 @@ class HttpBlackBox:
     """
 
     def __init__(self, url: str, api_key: str, timeout: float = 120.0, upload_batch: int = 256) -> None:
-        self._client = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"},
-                                    timeout=timeout)  # fmt: skip
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+        )
         self.upload_batch = upload_batch
         self._info: ModelInfo | None = None
 

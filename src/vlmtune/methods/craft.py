@@ -122,8 +122,9 @@ class CollaborativeTrainer:
         self.lambda_i = cfg.lambda_i if cfg.lambda_i is not None else 0.1 / self.k
         self.lambda_o = cfg.lambda_o if cfg.lambda_o is not None else 0.1 / self.k
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        self.prompt = SubspacePrompt.sample(cfg.n_ctx, box.info().token_width, cfg.subspace, cfg.a_std,
-                                            np.random.default_rng(seed))  # fmt: skip
+        self.prompt = SubspacePrompt.sample(
+            cfg.n_ctx, box.info().token_width, cfg.subspace, cfg.a_std, np.random.default_rng(seed)
+        )
         self.es = make_cma(cfg.subspace, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
         self.head: RefinementHead | None = None
         if cfg.use_head:

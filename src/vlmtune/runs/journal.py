@@ -48,9 +48,13 @@ class FileJournal:
             tensors = load_file(str(meta_path.with_suffix(".safetensors")))
             for i, entry in enumerate(json.loads(meta_path.read_text())):
                 fit, head = tensors.get(f"fitness_{i}"), tensors.get(f"head_{i}")
-                records.append(GenerationRecord(
-                    fit.numpy() if fit is not None else None, head.numpy() if head is not None else None,
-                    int(entry["queries"])))  # fmt: skip
+                records.append(
+                    GenerationRecord(
+                        fit.numpy() if fit is not None else None,
+                        head.numpy() if head is not None else None,
+                        int(entry["queries"]),
+                    )
+                )
         return records
 
     @property

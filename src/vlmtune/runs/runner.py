@@ -109,10 +109,14 @@ class FeatureSource:
         return extract_features(self.backbone, split, self.cache, progress=self.progress)
 
 
+def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
+    """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
+    split = base_new_split(splits["train"], cfg.subsample)
+    return few_shot(split, cfg.shots, cfg.seed) if cfg.shots > 0 else split
+
+
 def make_task(splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig) -> tuple[Task, int]:
-    train_split = base_new_split(splits["train"], cfg.subsample)
-    if cfg.shots > 0:
-        train_split = few_shot(train_split, cfg.shots, cfg.seed)
+    train_split = train_split_for(splits, cfg)
     val_shots = min(cfg.shots, 4) if cfg.val_shots is None else cfg.val_shots
     val = None
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
@@ -186,8 +190,13 @@ def run(
 def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
     """Upload a split's images to a black box (as PNG bytes) -> ids + labels."""
     ids: list[str] = []
-    for start in tqdm(range(0, len(split), 256), desc=f"uploading {split.dataset}/{split.split}", unit="batch",
-                      disable=not progress, leave=False):  # fmt: skip
+    for start in tqdm(
+        range(0, len(split), 256),
+        desc=f"uploading {split.dataset}/{split.split}",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
         ids += box.upload([image_bytes(split.image(i)) for i in range(start, min(start + 256, len(split)))])
     return ImageRefs(ids, torch.as_tensor(split.labels, dtype=torch.long))
 
@@ -202,9 +211,7 @@ def _run_black_box(
     journal: FileJournal | None = None,
 ) -> RunResult:
     """A black-box method sees only a ``LocalBlackBox``; test scoring uses a separate, unmetered box."""
-    train_split = base_new_split(splits["train"], cfg.subsample)
-    if cfg.shots > 0:
-        train_split = few_shot(train_split, cfg.shots, cfg.seed)
+    train_split = train_split_for(splits, cfg)
     box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=journal.queries if journal else 0))
     method.hooks.journal = journal
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
