@@ -102,10 +102,10 @@ class BlackBoxClassifier(Classifier):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> BlackBoxClassifier:
-        from vlmtune.methods._refine import build_head
+        from vlmtune.methods._refine import RefinementHead
 
         head_meta = meta.get("head") or {}
-        head = build_head(**head_meta) if head_meta else None
+        head = RefinementHead(**head_meta) if head_meta else None
         clf = cls(meta["classnames"], meta["template"], tensors["context"], head, head_meta)
         clf.load_state_dict(tensors)
         return clf

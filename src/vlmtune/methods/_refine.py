@@ -23,7 +23,3 @@ class RefinementHead(nn.Module):
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         r = self.net(scores)  # (N, K) residual R(Y_I)
         return scores + r if self.residual else r  # Eq. (3)
-
-
-def build_head(k: int, hidden: int, layers: int, residual: bool = True) -> RefinementHead:
-    return RefinementHead(k, hidden, layers, residual)

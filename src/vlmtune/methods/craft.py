@@ -127,9 +127,11 @@ class CollaborativeTrainer:
         )
         self.es = make_cma(cfg.subspace, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
         self.head: RefinementHead | None = None
+        self.head_meta: dict[str, int | bool] | None = None  # RefinementHead's arguments, saved with the adapter
         if cfg.use_head:
             hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
-            self.head = RefinementHead(self.k, hidden, layers, cfg.residual)
+            self.head_meta = {"k": self.k, "hidden": hidden, "layers": layers, "residual": cfg.residual}
+            self.head = RefinementHead(**self.head_meta)
             _init_(self.head, generator)
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
@@ -143,6 +145,10 @@ class CollaborativeTrainer:
         assert self.head is not None
         return self.head(y_i)
 
+    def _consistency(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """The paper's KL(own || other) in each module's loss; ``kl_direction="reversed"`` swaps the arguments."""
+        return kl_div(own, other) if self.cfg.kl_direction == "paper" else kl_div(other, own)
+
     def fitness(self, scores: torch.Tensor, consistency: bool) -> list[float]:
         """L_I (Eq. 5) of each candidate: scores (C, N, K) -> C values."""
         out = []
@@ -151,8 +157,7 @@ class CollaborativeTrainer:
                 loss = F.cross_entropy(y_i, self.labels)  # (N, K) scores of one candidate
                 if consistency and self.head is not None:
                     y_o = self._refine(y_i)  # Eq. (3)
-                    kl = kl_div(y_i, y_o) if self.cfg.kl_direction == "paper" else kl_div(y_o, y_i)
-                    loss = loss + self.lambda_i * kl  # Eq. (5)
+                    loss = loss + self.lambda_i * self._consistency(y_i, y_o)  # Eq. (5)
                 out.append(float(loss))
         return out
 
@@ -189,8 +194,7 @@ class CollaborativeTrainer:
             y_o = self._refine(y_in)  # Eq. (3)
             loss = F.cross_entropy(y_o, y)
             if consistency:
-                kl = kl_div(y_o, y_in) if self.cfg.kl_direction == "paper" else kl_div(y_in, y_o)
-                loss = loss + self.lambda_o * kl  # Eq. (6)
+                loss = loss + self.lambda_o * self._consistency(y_o, y_in)  # Eq. (6)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -236,17 +240,14 @@ class CollaborativeTrainer:
 
     def snapshot(self) -> BlackBoxClassifier:
         """The current adapter: prompt E_z[p0 + A z] (Algorithm 1, line 16) and a copy of the head."""
-        cfg = self.cfg
         ctx = self.mean_context()
         context = torch.as_tensor(ctx[0]).clone() if ctx is not None else None
-        head, head_meta = None, None
-        if self.head is not None:
-            hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
-            head_meta = {"k": self.k, "hidden": hidden, "layers": layers, "residual": cfg.residual}
-            head = RefinementHead(self.k, hidden, layers, cfg.residual)
+        head = None
+        if self.head is not None and self.head_meta is not None:
+            head = RefinementHead(**self.head_meta)
             head.load_state_dict(self.head.state_dict())
             head.eval()
-        return self.classifier_cls(self.task.classnames, self.template, context, head, head_meta)
+        return self.classifier_cls(self.task.classnames, self.template, context, head, self.head_meta)
 
     def _report(self, final: bool) -> None:
         """Hand snapshots to the caller's monitor every ``monitor_every`` queries (accuracy-vs-queries curves)."""
