@@ -155,6 +155,9 @@ def test_hf_adapter_on_random_init_folder(hf_tiny):
     pooled, patches = backbone.encode_image_tokens(images, normalize=False)
     torch.testing.assert_close(pooled, _tensor(model.get_image_features(pixel_values=images)), atol=1e-5, rtol=1e-5)
     assert patches.shape == (1, 16, 16)
+    with torch.no_grad():  # visual prompt tokens enter before pre_layrnorm and change the pooled feature
+        prompted = backbone.encode_images_prompted(images, torch.randn(2, 3, backbone.visual_width), normalize=False)
+    assert prompted.shape == (2, 1, 16) and (prompted[0] - pooled).abs().max() > 1e-4
 
 
 def test_hf_offline_miss_raises(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ KEYS = {"shared": 120, "big": None, "tiny": 1}
 @pytest.fixture(scope="module")
 def service(toy):
     budgets = {k: QueryBudget(v) for k, v in KEYS.items()}
-    box = LocalBlackBox(toy)
+    box = LocalBlackBox(toy, visual_prompts=True)
     app = create_app(box, budgets, max_body_bytes=2**20)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -185,3 +185,28 @@ def test_cli_predict_with_a_black_box_adapter_against_the_service(service, tmp_p
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 2 and all(r.split(",")[1] in test.classnames for r in rows)
     assert budgets["big"].used == used + 1  # one query for the batch
+
+
+def test_visual_prompts_over_http(service, toy):
+    url, _, _ = service
+    client = HttpBlackBox(url, "big")
+    assert client.info().visual_width == 128 and client.info().max_visual > 0
+    data, classnames = _images(3)
+    ids = client.upload(data)
+    rng = np.random.default_rng(1)
+    ctx = rng.normal(0, 0.3, (2, 4, 128)).astype(np.float32)
+    vis = rng.normal(0, 1.0, (2, 5, 128)).astype(np.float32)
+    request = PredictRequest(ids, classnames, contexts=ctx, visual_contexts=vis)
+    local = LocalBlackBox(toy, visual_prompts=True)
+    local.upload(data)
+    np.testing.assert_allclose(client.predict(request), local.predict(request), atol=1e-4)
+    headers = {"X-API-Key": "big"}
+    good = {"image_ids": ids, "classnames": classnames}
+    bad = [
+        np.zeros((3, 5, 128), np.float32),  # 3 visual candidates for 2 text contexts
+        np.zeros((2, 5, 7), np.float32),  # wrong width
+        np.full((2, 5, 128), np.inf, np.float32),
+    ]
+    for v in bad:
+        body = {**good, "contexts": encode_array(ctx), "visual_contexts": encode_array(v)}
+        assert httpx.post(f"{url}/v1/predict", json=body, headers=headers).status_code == 400

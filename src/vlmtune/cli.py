@@ -162,7 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             from vlmtune.blackbox.local import LocalBlackBox
 
-            box = LocalBlackBox(load_backbone(meta["backbone"], args.device))
+            box = LocalBlackBox(load_backbone(meta["backbone"], args.device), visual_prompts=clf.uses_visual_prompts)
     else:
         backbone = load_backbone(meta["backbone"], args.device)
         if args.classnames:
@@ -221,7 +221,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.keys is None:
         print(f"API key: {next(iter(budgets))}  (budget {args.budget})", flush=True)
     app = create_app(
-        LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name), budgets, args.max_body_mb * 2**20
+        LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name, visual_prompts=args.visual_prompts),
+        budgets,
+        args.max_body_mb * 2**20,
     )
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -289,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=8000, help="budget of the generated key (without --keys)")
     p.add_argument("--name", default=None, help="public model name (default: the backbone spec)")
     p.add_argument("--max-body-mb", type=int, default=32)
+    p.add_argument(
+        "--visual-prompts",
+        action="store_true",
+        help="also accept visual prompt tokens (ViT backbones; keeps uploaded pixels in memory, ~0.6 MB/image)",
+    )
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("list", help="list methods, datasets and backbones")

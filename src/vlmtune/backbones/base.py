@@ -154,5 +154,46 @@ class Backbone(ABC):
             pooled, patches = F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
         return pooled, patches
 
+    # ---- visual prompts (ViT image towers) ------------------------------------------------------------
+    def visual_prompt_site(self) -> nn.Module | None:
+        """The module that first sees the image token sequence (a ViT's ``ln_pre``); None if the tower is no ViT.
+
+        Visual prompt tokens are appended to that module's input: after the class token, the patch tokens and
+        their positional embeddings, before the transformer (shallow visual prompts as in Yu et al. 2023, the
+        variant CraFT's App. B uses).
+        """
+        return None
+
+    @property
+    def visual_width(self) -> int | None:
+        """Width of one visual prompt token, or None if this backbone takes none."""
+        site = self.visual_prompt_site()
+        return None if site is None else int(site.normalized_shape[0])  # type: ignore[index]
+
+    def encode_images_prompted(
+        self, images: torch.Tensor, prompts: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) under each of C visual prompts (C, n_v, W_v) -> features (C, B, D)."""
+        site = self.visual_prompt_site()
+        if site is None:
+            raise TypeError(f"{self.spec}: the image tower is not a ViT; it takes no visual prompt tokens")
+        c, b = prompts.shape[0], images.shape[0]
+        pixels = images.to(self.device).repeat(c, 1, 1, 1)  # (C*B, 3, H, W), candidate-major
+        tokens = prompts.to(self.device).repeat_interleave(b, 0)  # (C*B, n_v, W_v)
+
+        def append(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x = args[0]  # (C*B, 1+P, W_v)
+            if x.dim() != 3 or x.shape[0] != c * b:
+                raise RuntimeError(f"unexpected token layout {tuple(x.shape)} at the visual prompt site")
+            return (torch.cat([x, tokens.to(x.dtype)], 1), *args[1:])  # (C*B, 1+P+n_v, W_v)
+
+        handle = site.register_forward_pre_hook(append)
+        try:
+            pooled, _ = self._image_forward(pixels)  # (C*B, D)
+        finally:
+            handle.remove()
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        return pooled.view(c, b, -1)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, embed_dim={self.embed_dim}, token_width={self.token_width})"

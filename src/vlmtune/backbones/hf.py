@@ -85,6 +85,9 @@ class HFClipBackbone(Backbone):
         x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]  # (M, W)
         return self.model.text_projection(x)  # (M, D)
 
+    def visual_prompt_site(self) -> nn.Module:
+        return self.model.vision_model.pre_layrnorm
+
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vm = self.model.vision_model
         hidden = vm(pixel_values=images).last_hidden_state  # (B, 1+P, W)

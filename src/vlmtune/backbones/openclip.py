@@ -121,6 +121,10 @@ class OpenClipBackbone(Backbone):
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (M, D)
 
+    def visual_prompt_site(self) -> nn.Module | None:
+        visual = self.model.visual
+        return visual.ln_pre if hasattr(visual, "class_embedding") and hasattr(visual, "ln_pre") else None
+
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
         if hasattr(visual, "output_tokens") and hasattr(visual, "proj"):  # ViT: projected patch tokens

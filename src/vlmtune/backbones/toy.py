@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.errors import WeightsNotAvailable
@@ -78,3 +79,6 @@ class ToyBackbone(Backbone):
 
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.visual(images)  # (B, D), (B, P, D)
+
+    def visual_prompt_site(self) -> nn.Module:
+        return self.model.visual.ln_pre

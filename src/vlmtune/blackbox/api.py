@@ -71,12 +71,16 @@ class ModelInfo:
         token_width: d_tok, the width of one context vector.
         max_context: the most context vectors a request may carry.
         score: ``"logits"`` (scaled cosine similarities) or ``"probs"``.
+        visual_width: width of one visual prompt token, or None if the service takes none (not a ViT).
+        max_visual: the most visual prompt tokens a request may carry.
     """
 
     name: str
     token_width: int
     max_context: int
     score: str = "logits"
+    visual_width: int | None = None
+    max_visual: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class PredictRequest:
         contexts: optional (C, n_ctx, d_tok) float32 batch of prompt contexts; each is one candidate.
         mode: ``"add"``: context vectors are added to the embeddings of the template's first n_ctx words
             (BBT / CraFT: p = p0 + A z); ``"replace"``: they replace those words' embeddings.
+        visual_contexts: optional (C, n_v, d_vis) float32 visual prompt tokens, appended to every image's token
+            sequence (ViT services only; ``ModelInfo.visual_width``). With ``contexts`` too, candidate c pairs
+            ``contexts[c]`` with ``visual_contexts[c]``.
     """
 
     image_ids: list[str]
@@ -97,10 +104,14 @@ class PredictRequest:
     template: str = "a photo of a {}."
     contexts: np.ndarray | None = None
     mode: ContextMode = "add"
+    visual_contexts: np.ndarray | None = None
 
     @property
     def n_candidates(self) -> int:
-        return 1 if self.contexts is None else int(self.contexts.shape[0])
+        for a in (self.contexts, self.visual_contexts):
+            if a is not None:
+                return int(a.shape[0])
+        return 1
 
     def validate(self, info: ModelInfo) -> None:
         """Raise ``ValueError`` on anything malformed (the service answers 4xx)."""
@@ -113,18 +124,21 @@ class PredictRequest:
         if self.mode not in ("add", "replace"):
             raise ValueError(f"mode must be 'add' or 'replace', not {self.mode!r}")
         if self.contexts is not None:
-            c = self.contexts
-            if (
-                c.ndim != 3
-                or c.shape[0] < 1
-                or not 1 <= c.shape[1] <= info.max_context
-                or c.shape[2] != info.token_width
-            ):
-                raise ValueError(
-                    f"contexts must have shape (C>=1, 1..{info.max_context}, {info.token_width}), got {tuple(c.shape)}"
-                )
-            if not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
-                raise ValueError("contexts must be finite floats")
+            _check_tokens("contexts", self.contexts, info.max_context, info.token_width)
+        if self.visual_contexts is not None:
+            if info.visual_width is None:
+                raise ValueError(f"{info.name} takes no visual prompts (its image tower is not a ViT)")
+            _check_tokens("visual_contexts", self.visual_contexts, info.max_visual, info.visual_width)
+            if self.contexts is not None and self.contexts.shape[0] != self.visual_contexts.shape[0]:
+                raise ValueError("contexts and visual_contexts must hold the same number of candidates")
+
+
+def _check_tokens(name: str, a: np.ndarray, max_tokens: int, width: int) -> None:
+    """A (C >= 1, 1..max_tokens, width) array of finite floats, else ``ValueError``."""
+    if a.ndim != 3 or a.shape[0] < 1 or not 1 <= a.shape[1] <= max_tokens or a.shape[2] != width:
+        raise ValueError(f"{name} must have shape (C>=1, 1..{max_tokens}, {width}), got {tuple(a.shape)}")
+    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite floats")
 
 
 @dataclass(frozen=True)

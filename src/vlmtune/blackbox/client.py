@@ -65,6 +65,8 @@ class HttpBlackBox:
             "mode": request.mode,
             "contexts": encode_array(request.contexts) if request.contexts is not None else None,
         }
+        if request.visual_contexts is not None:
+            body["visual_contexts"] = encode_array(request.visual_contexts)
         return decode_array(self._call("POST", "/predict", json=body)["scores"])
 
     def usage(self) -> Usage:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -46,6 +47,9 @@ class PredictIn(BaseModel):
     template: str = Field(default="a photo of a {}.", max_length=500)
     contexts: ArrayIn | None = Field(default=None, description="(C, n_ctx, d_tok) float32 prompt contexts")
     mode: Literal["add", "replace"] = "add"
+    visual_contexts: ArrayIn | None = Field(
+        default=None, description="(C, n_v, d_vis) float32 visual prompt tokens (ViT services started with them)"
+    )
 
 
 class BodyLimit:
@@ -100,8 +104,7 @@ def create_app(box: LocalBlackBox, budgets: dict[str, QueryBudget], max_body_byt
 
     @app.get(f"{API_PREFIX}/info")
     def info(key: str = Depends(api_key)) -> dict[str, Any]:
-        i = box.info()
-        return {"name": i.name, "token_width": i.token_width, "max_context": i.max_context, "score": i.score}
+        return dataclasses.asdict(box.info())
 
     @app.post(f"{API_PREFIX}/images")
     def upload(body: ImagesIn, key: str = Depends(api_key)) -> dict[str, Any]:
@@ -109,8 +112,9 @@ def create_app(box: LocalBlackBox, budgets: dict[str, QueryBudget], max_body_byt
 
     @app.post(f"{API_PREFIX}/predict")
     def predict(body: PredictIn, key: str = Depends(api_key)) -> dict[str, Any]:
-        contexts = decode_array(body.contexts.model_dump()) if body.contexts is not None else None
-        request = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode)
+        arrays = (body.contexts, body.visual_contexts)
+        contexts, visual = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
+        request = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual)
         scores = box.predict(request, budgets[key])
         return {"scores": encode_array(scores), "used": budgets[key].used, "limit": budgets[key].limit}
 

@@ -35,6 +35,28 @@ class SubspacePrompt:
         return (np.asarray(z, dtype=np.float32) @ self.a.T).reshape(-1, self.n_ctx, self.d_tok)
 
 
+@dataclass(frozen=True)
+class PromptSpace:
+    """What CMA-ES searches: the text subspace (Eq. 1) and, for "+ vp" (CraFT App. B), a visual subspace.
+
+    One CMA-ES runs over the concatenation [z_text; z_vis] (as in Yu et al. 2023, whose visual prompts CraFT's
+    App. B adopts); visual prompt tokens are A_v z_vis (there is no initial visual prompt to add them to).
+    """
+
+    text: SubspacePrompt
+    visual: SubspacePrompt | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.text.a.shape[1] + (self.visual.a.shape[1] if self.visual is not None else 0)
+
+    def split(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Points (C, dim) -> text offsets (C, n_ctx, d_tok) and visual tokens (C, n_v, d_vis) or None."""
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        d = self.text.a.shape[1]
+        return self.text.contexts(z[:, :d]), self.visual.contexts(z[:, d:]) if self.visual is not None else None
+
+
 def make_cma(d0: int, sigma0: float, popsize: int, bounds: float | None, seed: int) -> cma.CMAEvolutionStrategy:
     """pycma's CMA-ES (Eq. 2) from m = 0, drawing from its own seeded generator (no global RNG)."""
     rng = np.random.default_rng(seed)
@@ -50,15 +72,21 @@ def make_cma(d0: int, sigma0: float, popsize: int, bounds: float | None, seed: i
 
 
 def query_scores(
-    box: BlackBoxVLM, refs: ImageRefs, classnames: Sequence[str], template: str, contexts: np.ndarray | None
+    box: BlackBoxVLM,
+    refs: ImageRefs,
+    classnames: Sequence[str],
+    template: str,
+    contexts: np.ndarray | None,
+    visual_contexts: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Scores (C, N, K) from the box as a float tensor (charges C queries)."""
-    request = PredictRequest(list(refs.ids), list(classnames), template, contexts)
+    request = PredictRequest(list(refs.ids), list(classnames), template, contexts, visual_contexts=visual_contexts)
     return torch.as_tensor(box.predict(request), dtype=torch.float32)
 
 
 class BlackBoxClassifier(Classifier):
-    """A learned prompt offset (added to the template context by the box) and an optional refinement head.
+    """A learned prompt offset (added to the template context by the box), optional visual prompt tokens, and an
+    optional refinement head.
 
     The head is held at float16 precision (values rounded, computed in float32) so that the saved artifact, stored
     as float16, predicts exactly what was evaluated and stays under 1 MB for K <= 100 with the paper's head.
@@ -73,11 +101,14 @@ class BlackBoxClassifier(Classifier):
         context: torch.Tensor | None,
         head: nn.Module | None = None,
         head_meta: dict[str, Any] | None = None,
+        visual_context: torch.Tensor | None = None,
     ) -> None:
         super().__init__(classnames)
         self.template = template
         ctx = context.half().float() if context is not None else torch.zeros(0)
         self.register_buffer("context", ctx)  # (n_ctx, d_tok), float16 precision like the head
+        vctx = visual_context.half().float() if visual_context is not None else torch.zeros(0)
+        self.register_buffer("visual_context", vctx)  # (n_v, d_vis) or empty
         self.head = head
         self.head_meta = head_meta or {}
         if head is not None:
@@ -92,10 +123,15 @@ class BlackBoxClassifier(Classifier):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         raise TypeError("a black-box adapter predicts through the black box: use predict_blackbox(box, refs)")
 
+    @property
+    def uses_visual_prompts(self) -> bool:
+        return bool(self.visual_context.numel())
+
     def predict_blackbox(self, box: BlackBoxVLM, refs: ImageRefs) -> torch.Tensor:
         ctx = self.context.numpy()[None] if self.context.numel() else None
+        vctx = self.visual_context.numpy()[None] if self.uses_visual_prompts else None
         with torch.no_grad():
-            return self.refine(query_scores(box, refs, self.classnames, self.template, ctx)[0])
+            return self.refine(query_scores(box, refs, self.classnames, self.template, ctx, vctx)[0])
 
     def extra_meta(self) -> dict[str, Any]:
         return {"template": self.template, "head": self.head_meta}
@@ -106,6 +142,8 @@ class BlackBoxClassifier(Classifier):
 
         head_meta = meta.get("head") or {}
         head = RefinementHead(**head_meta) if head_meta else None
-        clf = cls(meta["classnames"], meta["template"], tensors["context"], head, head_meta)
+        tensors = {"visual_context": torch.zeros(0), **tensors}  # adapters saved before visual prompts existed
+        vctx = tensors["visual_context"] if tensors["visual_context"].numel() else None
+        clf = cls(meta["classnames"], meta["template"], tensors["context"], head, head_meta, vctx)
         clf.load_state_dict(tensors)
         return clf

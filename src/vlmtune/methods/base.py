@@ -141,6 +141,10 @@ class Method(ABC):
         self.progress = progress
         self.hooks = TrainingHooks()
 
+    def box_options(self) -> dict[str, Any]:
+        """Keyword options for the ``LocalBlackBox`` a black-box method is run against (e.g. visual prompts)."""
+        return {}
+
     @abstractmethod
     def fit(self, handle: Any, task: Task, *, generator: torch.Generator) -> Classifier:
         """Adapt to ``task`` through ``handle`` (a ``Backbone``, or a ``BlackBoxVLM`` for ``BLACK_BOX`` methods);

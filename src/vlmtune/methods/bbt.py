@@ -31,6 +31,9 @@ class BBT(Method):
     classifier = BBTClassifier
     summary = "BBT: CMA-ES over a random subspace of the prompt context (black box)"
 
+    def box_options(self) -> dict[str, bool]:
+        return {"visual_prompts": self.config.visual_prompt}
+
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
         cfg = CraftConfig(**asdict(self.config), use_head=False)
         return trainer_run(CollaborativeTrainer(cfg, handle, task, generator, BBTClassifier), self)

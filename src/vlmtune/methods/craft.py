@@ -22,7 +22,7 @@ from torch import nn
 
 from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs
 from vlmtune.capabilities import Capability
-from vlmtune.methods._blackbox import BlackBoxClassifier, SubspacePrompt, make_cma, query_scores
+from vlmtune.methods._blackbox import BlackBoxClassifier, PromptSpace, SubspacePrompt, make_cma, query_scores
 from vlmtune.methods._refine import RefinementHead
 from vlmtune.methods.base import Method, Task, TrainingHooks, register_method
 
@@ -62,6 +62,11 @@ class BBTConfig:
     bounds: float | None = 5.0  # box bounds on z (reference code; ImageNet: None)
     budget: int | None = None  # total queries; None = by shots (8000 / 4000 / 2000)
     template: str | None = None  # None = the task's first template
+    # "+ vp" (CraFT App. B): visual prompt tokens searched jointly (ViT services; Yu et al. 2023's settings)
+    visual_prompt: bool = False
+    vp_tokens: int = 5  # n_prompt_tokens_V of Yu et al. (2023)
+    vp_subspace: int = 100  # intrinsic_dim_V of Yu et al. (2023)
+    vp_a_std: float | None = None  # None = a_std
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,10 @@ class CraftConfig(BBTConfig):
     head: str = "mlp"  # "mlp" or "linear"
 
 
-def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) of softmax distributions, averaged over the batch."""
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) of the softmax distributions of each row: (B, K), (B, K) -> (B,)."""
     logp, logq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def _init_(module: nn.Module, generator: torch.Generator) -> None:
@@ -122,10 +127,8 @@ class CollaborativeTrainer:
         self.lambda_i = cfg.lambda_i if cfg.lambda_i is not None else 0.1 / self.k
         self.lambda_o = cfg.lambda_o if cfg.lambda_o is not None else 0.1 / self.k
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        self.prompt = SubspacePrompt.sample(
-            cfg.n_ctx, box.info().token_width, cfg.subspace, cfg.a_std, np.random.default_rng(seed)
-        )
-        self.es = make_cma(cfg.subspace, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
+        self.prompt = self._prompt_space(np.random.default_rng(seed))
+        self.es = make_cma(self.prompt.dim, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
         self.head: RefinementHead | None = None
         self.head_meta: dict[str, int | bool] | None = None  # RefinementHead's arguments, saved with the adapter
         if cfg.use_head:
@@ -140,26 +143,40 @@ class CollaborativeTrainer:
         self._next_report = 0
         self._replay: list[GenerationRecord] = []
 
+    def _prompt_space(self, rng: np.random.Generator) -> PromptSpace:
+        cfg, info = self.cfg, self.box.info()
+        text = SubspacePrompt.sample(cfg.n_ctx, info.token_width, cfg.subspace, cfg.a_std, rng)  # A of Eq. (1)
+        if not cfg.visual_prompt:
+            return PromptSpace(text)
+        if info.visual_width is None:
+            raise ValueError(f"visual_prompt=True, but the black box {info.name!r} takes no visual prompt tokens")
+        std = cfg.vp_a_std if cfg.vp_a_std is not None else cfg.a_std
+        return PromptSpace(text, SubspacePrompt.sample(cfg.vp_tokens, info.visual_width, cfg.vp_subspace, std, rng))
+
     # ---- one generation of each module ----------------------------------------------------------------
     def _refine(self, y_i: torch.Tensor) -> torch.Tensor:
         assert self.head is not None
         return self.head(y_i)
 
+    def _consistency_per_sample(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """The paper's KL(own || other) of each sample, (B,); ``kl_direction="reversed"`` swaps the arguments."""
+        return kl_rows(own, other) if self.cfg.kl_direction == "paper" else kl_rows(other, own)
+
     def _consistency(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """The paper's KL(own || other) in each module's loss; ``kl_direction="reversed"`` swaps the arguments."""
-        return kl_div(own, other) if self.cfg.kl_direction == "paper" else kl_div(other, own)
+        return self._consistency_per_sample(own, other).mean()
 
     def fitness(self, scores: torch.Tensor, consistency: bool) -> list[float]:
         """L_I (Eq. 5) of each candidate: scores (C, N, K) -> C values."""
-        out = []
+        c, n, k = scores.shape
         with torch.no_grad():
-            for y_i in scores:
-                loss = F.cross_entropy(y_i, self.labels)  # (N, K) scores of one candidate
-                if consistency and self.head is not None:
-                    y_o = self._refine(y_i)  # Eq. (3)
-                    loss = loss + self.lambda_i * self._consistency(y_i, y_o)  # Eq. (5)
-                out.append(float(loss))
-        return out
+            flat = scores.reshape(c * n, k)  # all candidates through the head in one batch
+            labels = self.labels.repeat(c)
+            loss = F.cross_entropy(flat, labels, reduction="none").reshape(c, n).mean(1)  # (C,)
+            if consistency and self.head is not None:
+                y_o = self._refine(flat)  # Eq. (3)
+                kl = self._consistency_per_sample(flat, y_o).reshape(c, n).mean(1)
+                loss = loss + self.lambda_i * kl  # Eq. (5)
+        return loss.tolist()
 
     def _next_record(self) -> GenerationRecord | None:
         return self._replay.pop(0) if self._replay else None
@@ -173,7 +190,7 @@ class CollaborativeTrainer:
         z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
         record = self._next_record()
         if record is None:  # live: query the box (replayed steps reuse the logged fitness)
-            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.prompt.contexts(z))
+            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, *self.prompt.split(z))
             record = GenerationRecord(np.array(self.fitness(scores, consistency)), None, len(z))
             self._log(record)
         else:
@@ -181,8 +198,9 @@ class CollaborativeTrainer:
         assert record.fitness is not None
         self.es.tell(list(z), record.fitness.tolist())
 
-    def mean_context(self) -> np.ndarray | None:
-        return self.prompt.contexts(self.es.mean[None]) if self.cfg.use_prompt else None  # E_z[A z], (1, n, d)
+    def mean_context(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """E_z[A z] (Algorithm 1, line 16): text offsets (1, n_ctx, d_tok) and visual tokens (1, n_v, d_vis)."""
+        return self.prompt.split(self.es.mean) if self.cfg.use_prompt else (None, None)
 
     def head_epoch(self, y_i: torch.Tensor, consistency: bool) -> None:
         """One epoch of R on (Y_I, Y) with L_O (Eq. 6)."""
@@ -203,7 +221,7 @@ class CollaborativeTrainer:
         """Black-box scores (N, K) of the mean prompt E_z[p0 + A z]: the head's inputs (one query)."""
         record = self._next_record()
         if record is None:
-            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, self.mean_context())[0]
+            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, *self.mean_context())[0]
             record = GenerationRecord(None, scores.numpy(), 1)
             self._log(record)
         else:
@@ -240,14 +258,13 @@ class CollaborativeTrainer:
 
     def snapshot(self) -> BlackBoxClassifier:
         """The current adapter: prompt E_z[p0 + A z] (Algorithm 1, line 16) and a copy of the head."""
-        ctx = self.mean_context()
-        context = torch.as_tensor(ctx[0]).clone() if ctx is not None else None
+        context, visual = (torch.as_tensor(c[0]).clone() if c is not None else None for c in self.mean_context())
         head = None
         if self.head is not None and self.head_meta is not None:
             head = RefinementHead(**self.head_meta)
             head.load_state_dict(self.head.state_dict())
             head.eval()
-        return self.classifier_cls(self.task.classnames, self.template, context, head, self.head_meta)
+        return self.classifier_cls(self.task.classnames, self.template, context, head, self.head_meta, visual)
 
     def _report(self, final: bool) -> None:
         """Hand snapshots to the caller's monitor every ``monitor_every`` queries (accuracy-vs-queries curves)."""
@@ -278,6 +295,9 @@ class Craft(Method):
     config_cls = CraftConfig
     classifier = CraftClassifier
     summary = "CraFT (= CARROT): CMA-ES subspace prompts + residual refinement head, collaborative training"
+
+    def box_options(self) -> dict[str, bool]:
+        return {"visual_prompts": self.config.visual_prompt}
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
         return trainer_run(CollaborativeTrainer(self.config, handle, task, generator, CraftClassifier), self)

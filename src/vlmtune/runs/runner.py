@@ -212,10 +212,11 @@ def _run_black_box(
 ) -> RunResult:
     """A black-box method sees only a ``LocalBlackBox``; test scoring uses a separate, unmetered box."""
     train_split = train_split_for(splits, cfg)
-    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=journal.queries if journal else 0))
+    box_options = method.box_options()
+    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=journal.queries if journal else 0), **box_options)
     method.hooks.journal = journal
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
-    eval_box = LocalBlackBox(backbone)  # unmetered, separate from the training box
+    eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
     test = upload_split(eval_box, base_new_split(splits["test"], cfg.subsample), progress)
     curve: list[tuple[int, float]] = []
     if cfg.curve_every:
