@@ -65,6 +65,10 @@ def toy_features():
 FAST_OPTIONS = {
     "bbt": {"budget": 200, "popsize": 10, "subspace": 64},
     "craft": {"budget": 220, "popsize": 10, "subspace": 64},
+    "coop": {"epochs": 4, "n_ctx": 4},
+    "cocoop": {"epochs": 1, "batch_size": 16},
+    "tmm": {"epochs": 1, "batch_size": 16},
+    "tip_adapter_f": {"epochs": 3},
 }
 
 
@@ -78,7 +82,7 @@ def toy_setup(toy):
     from vlmtune.methods.base import Task, get_method, make_config
     from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, upload_split
 
-    source = FeatureSource(toy, None, progress=False)
+    sources = {patches: FeatureSource(toy, None, progress=False, patches=patches) for patches in (False, True)}
     boxes: dict = {}
 
     def get(dataset: str, method: str):
@@ -101,12 +105,13 @@ def toy_setup(toy):
                 return method_cls(cfg).fit(box, task, generator=torch.Generator().manual_seed(seed))
 
             return fit, (lambda clf: clf.predict_blackbox(box, test)), test.labels, task
+        source = sources[method_cls.needs_patches]
         task, _ = make_task(splits, source, RunConfig(method=method, dataset=dataset))
         test = source.features(splits["test"])
 
         def fit_features(seed: int = 1):
             return method_cls(cfg).fit(toy, task, generator=torch.Generator().manual_seed(seed))
 
-        return fit_features, (lambda clf: clf.logits(test.features)), test.labels, task
+        return fit_features, (lambda clf: clf.bind(toy).score(test)), test.labels, task
 
     return get

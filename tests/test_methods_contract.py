@@ -47,7 +47,7 @@ def test_new_class_names_where_allowed(name, toy_setup, toy):
     if method_cls.supports_new_classes:
         other = clf.for_classnames(new_names, toy)
         assert other.classnames == new_names
-        assert other.logits(task.train.features if task.train else task.unlabeled.features).shape[1] == 3
+        assert other.score(task.train if task.train else task.unlabeled).shape[1] == 3
     else:
         with pytest.raises(NotImplementedError):
             clf.for_classnames(new_names, toy)

@@ -12,9 +12,10 @@ Adapters set ``model`` and ``eot_token_id`` and implement four primitives; every
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -153,6 +154,18 @@ class Backbone(ABC):
         if normalize:
             pooled, patches = F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
         return pooled, patches
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Weights out of autograd for the block (prompt learners train only their own parameters)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     # ---- visual prompts (ViT image towers) ------------------------------------------------------------
     def visual_prompt_site(self) -> nn.Module | None:

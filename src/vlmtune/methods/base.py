@@ -82,6 +82,15 @@ class Classifier(nn.Module, ABC):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features (N, D) -> logits (N, K)."""
 
+    def score(self, data: FeatureSet) -> torch.Tensor:
+        """Logits (N, K) for a feature set (methods that need patch features override this)."""
+        with torch.no_grad():
+            return self.logits(data.features)
+
+    def bind(self, backbone: Backbone) -> Classifier:
+        """Attach the backbone a loaded adapter computes through (prompt learners); a no-op for most."""
+        return self
+
     def predict_images(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (N, 3, H, W) -> logits (N, K)."""
         with torch.no_grad():
@@ -133,6 +142,7 @@ class Method(ABC):
     config_cls: ClassVar[type]
     classifier: ClassVar[type[Classifier]]
     needs_labels: ClassVar[bool] = True
+    needs_patches: ClassVar[bool] = False  # the runner extracts patch features too
     supports_new_classes: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
@@ -168,7 +178,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
-BUILTIN_METHODS = ("zeroshot", "linear_probe", "bbt", "craft")
+BUILTIN_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "coop", "cocoop", "tmm", "bbt", "craft")
 
 
 def _ensure_loaded() -> None:

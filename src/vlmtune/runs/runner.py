@@ -102,11 +102,13 @@ class RunResult:
 class FeatureSource:
     """Backbone + dataset + cache: features of (sub)splits, each extracted once."""
 
-    def __init__(self, backbone: Backbone, cache: FeatureCache | None, progress: bool = True) -> None:
-        self.backbone, self.cache, self.progress = backbone, cache, progress
+    def __init__(
+        self, backbone: Backbone, cache: FeatureCache | None, progress: bool = True, patches: bool = False
+    ) -> None:
+        self.backbone, self.cache, self.progress, self.patches = backbone, cache, progress, patches
 
     def features(self, split: DatasetSplit) -> FeatureSet:
-        return extract_features(self.backbone, split, self.cache, progress=self.progress)
+        return extract_features(self.backbone, split, self.cache, patches=self.patches, progress=self.progress)
 
 
 def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
@@ -135,8 +137,7 @@ def make_task(splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunCo
 
 
 def evaluate(classifier: Classifier, features: FeatureSet) -> float:
-    with torch.no_grad():
-        return accuracy(classifier.logits(features.features), features.labels)
+    return accuracy(classifier.score(features), features.labels)
 
 
 def score_split(
@@ -147,8 +148,10 @@ def score_split(
         box = LocalBlackBox(backbone)
         refs = upload_split(box, split, progress)
         return accuracy(classifier.predict_blackbox(box, refs), refs.labels)
-    source = source or FeatureSource(backbone, None, progress)
-    return evaluate(classifier, source.features(split))
+    patches = bool(getattr(classifier, "needs_patches", False))
+    if source is None or (patches and not source.patches):
+        source = FeatureSource(backbone, source.cache if source else None, progress, patches)
+    return evaluate(classifier.bind(backbone), source.features(split))
 
 
 def run(
@@ -174,7 +177,7 @@ def run(
         journal = FileJournal(Path(out_dir) / "state", cfg.to_json(), resume) if out_dir is not None else None
         result = _run_black_box(cfg, backbone, splits, method_cls(method_config), generator, progress, journal)
     else:
-        source = FeatureSource(backbone, cache, progress)
+        source = FeatureSource(backbone, cache, progress, patches=method_cls.needs_patches)
         task, n_train = make_task(splits, source, cfg)
         start = time.perf_counter()
         classifier = method_cls(method_config).fit(backbone, task, generator=generator)

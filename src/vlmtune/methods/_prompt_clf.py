@@ -1,0 +1,157 @@
+"""The classifier shared by the prompt learners: learned context (+ a conditioning module) behind a bound backbone.
+
+A ``PromptClassifier`` is both what the method trains (its parameters are the context and the module) and what it
+returns: training and inference go through the same ``forward_logits``. Its text tower is the backbone's, bound at
+fit time or after loading (``bind``); the saved artifact holds only the learned tensors and settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.features.extract import FeatureSet
+from vlmtune.methods._prompt import PromptAssembler, Schedule, init_context, train_sgd_cosine
+from vlmtune.methods.base import Classifier, Task
+
+
+class PromptClassifier(Classifier):
+    """Context vectors ``ctx`` (n, W) or class-specific (K, n, W), an optional ``head`` module, and settings.
+
+    Subclasses define ``build_head(settings)`` (the module for the saved settings) and ``forward_logits``.
+    """
+
+    needs_patches: ClassVar[bool] = False
+    eval_batch: ClassVar[int] = 64
+
+    def __init__(
+        self, classnames: Sequence[str], ctx: torch.Tensor, settings: dict[str, Any], head: nn.Module | None = None
+    ) -> None:
+        super().__init__(classnames)
+        self.ctx = nn.Parameter(ctx.clone())
+        self.settings = dict(settings)
+        self.head = head if head is not None else self.build_head(self.settings)
+        self._backbone: Backbone | None = None
+        self._assembler: PromptAssembler | None = None
+        self._text_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    # ---- wiring ----------------------------------------------------------------------------------------
+    @classmethod
+    def build_head(cls, settings: dict[str, Any]) -> nn.Module | None:
+        return None
+
+    def bind(self, backbone: Backbone) -> PromptClassifier:
+        self._backbone = backbone
+        self._assembler = PromptAssembler(backbone, self.classnames, self.settings["n_ctx"], self.settings["position"])
+        self.to(backbone.device)
+        return self
+
+    @property
+    def assembler(self) -> PromptAssembler:
+        if self._assembler is None:
+            raise RuntimeError(f"{self.method}: bind(backbone) first (prompts go through the backbone's text tower)")
+        return self._assembler
+
+    @property
+    def scale(self) -> float:
+        return float(self.settings["scale"])
+
+    def text_features(self) -> torch.Tensor:
+        """G(p_i) of the learned (unconditioned) prompts -> (K, D); cached at inference."""
+        if torch.is_grad_enabled():
+            return self.assembler.encode(self.ctx)
+        version = (self.ctx._version, id(self._assembler))
+        if self._text_cache is None or self._text_cache[0] != version:
+            self._text_cache = (version, self.assembler.encode(self.ctx))
+        return self._text_cache[1]
+
+    # ---- prediction ------------------------------------------------------------------------------------
+    def forward_logits(self, features: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
+        """Image features (B, D) [+ patch features (B, P, D)] -> logits (B, K). CoOp: s * cos(f, G(p_i))."""
+        return self.scale * F.normalize(features, dim=-1) @ self.text_features().T
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.needs_patches:
+            raise TypeError(f"{self.method} needs patch features: use score(FeatureSet) or predict_images")
+        return self._batched(features, None)
+
+    def _batched(self, features: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
+        device = self.ctx.device
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(features), self.eval_batch):
+                p = patches[i : i + self.eval_batch].to(device) if patches is not None else None
+                out.append(self.forward_logits(features[i : i + self.eval_batch].to(device).float(), p).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.classnames))
+
+    def score(self, data: FeatureSet) -> torch.Tensor:
+        if self.needs_patches and data.patches is None:
+            raise ValueError(f"{self.method} needs patch features (extract with patches=True)")
+        return self._batched(data.features, data.patches if self.needs_patches else None)
+
+    def predict_images(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+        self.bind(backbone) if self._backbone is not backbone else None
+        with torch.no_grad():
+            pooled, patches = backbone.encode_image_tokens(images)
+        return self._batched(pooled, patches if self.needs_patches else None)
+
+    def for_classnames(self, classnames: Sequence[str], backbone: Backbone) -> PromptClassifier:
+        if self.settings.get("csc"):
+            raise NotImplementedError("class-specific context cannot describe classes it was not trained on")
+        clf = type(self)(classnames, self.ctx.detach(), self.settings, copy.deepcopy(self.head))
+        return clf.bind(backbone)
+
+    # ---- artifact ---------------------------------------------------------------------------------------
+    def extra_meta(self) -> dict[str, Any]:
+        return {"settings": self.settings}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> PromptClassifier:
+        clf = cls(meta["classnames"], tensors["ctx"], meta["settings"])
+        clf.load_state_dict(tensors)
+        return clf
+
+
+def fit_prompt_classifier(
+    cls: type[PromptClassifier],
+    backbone: Backbone,
+    task: Task,
+    settings: dict[str, Any],
+    ctx_init: str | None,
+    schedule: Schedule,
+    generator: torch.Generator,
+) -> PromptClassifier:
+    """Initialise ``cls`` (context by CoOp's rule, head by torch's default init from ``generator``) and train it
+    with cross-entropy on the task's training features under ``schedule``; the backbone stays frozen."""
+    from vlmtune.features.extract import FeatureSet
+
+    train = task.train
+    if not isinstance(train, FeatureSet) or len(train) == 0:
+        raise ValueError(f"{cls.method} needs labelled training features")
+    if cls.needs_patches and train.patches is None:
+        raise ValueError(f"{cls.method} needs patch features of the training images")
+    classes = len(task.classnames) if settings.get("csc") else 0
+    ctx = init_context(backbone, settings["n_ctx"], ctx_init, generator, classes)
+    settings = {**settings, "scale": backbone.logit_scale}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        head = cls.build_head(settings)  # default init, drawn from a seed of the run's generator
+    clf = cls(task.classnames, ctx, settings, head).bind(backbone)
+    device = backbone.device
+    feats, labels = train.features.to(device).float(), train.labels.to(device)
+    patches = train.patches.to(device).float() if cls.needs_patches and train.patches is not None else None
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        p = patches[idx] if patches is not None else None
+        return F.cross_entropy(clf.forward_logits(feats[idx], p), labels[idx])
+
+    with backbone.frozen():
+        train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator)
+    clf.eval()
+    return clf

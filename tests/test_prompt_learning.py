@@ -1,0 +1,96 @@
+"""White-box prompt learners (CoOp, CoCoOp, TMM), Tip-Adapter and the protocols, on the toy world."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlmtune.methods._prompt import PromptAssembler
+from vlmtune.methods.tmm import class_aware_prompts, text_guided_features
+from vlmtune.runs.protocols import base_to_new, few_shot_sweep, transfer
+from vlmtune.runs.runner import RunConfig, run
+
+E = math.e
+
+
+def test_ctp_attention_on_a_hand_computed_example():
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # K = 2 class queries, W = 2
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # one image, P = 2 patches
+    a, b = E / (E + 1), 1 / (E + 1)  # class 0: softmax over patches of A^t row (1, 0)
+    c, d = 1 / (1 + E**2), E**2 / (1 + E**2)  # class 1: softmax of (0, 2)
+    expected = torch.tensor([[[a, 2 * b], [c, 2 * d]]])  # f_x^t = softmax(A^t) f_x, (B, K, W)
+    torch.testing.assert_close(class_aware_prompts(p, keys), expected)
+
+
+def test_tft_attention_on_a_hand_computed_example():
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, P=2, D=2)
+    text = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # (B=1, K=2, D=2)
+    residual = torch.tensor([[0.5, 0.5]])
+    u, v = E**2 / (E**2 + 1), 1 / (E**2 + 1)  # patch 0: softmax over classes of (2, 0)
+    s, t = 1 / (1 + E), E / (1 + E)  # patch 1: softmax of (0, 1)
+    per_patch = torch.tensor([[2 * u, v], [2 * s, t]])
+    expected = per_patch.mean(0, keepdim=True) + residual  # Eq. (9), pooled over patches
+    torch.testing.assert_close(text_guided_features(patches, text, residual), expected)
+
+
+def test_prompt_assembler_places_context_and_class_tokens(toy):
+    names = ["circle", "red square"]
+    for position in ("end", "middle", "front"):
+        a = PromptAssembler(toy, names, 4, position)
+        ctx = torch.arange(4 * 128, dtype=torch.float32).view(4, 128)
+        e = a.embeds(ctx)  # (K, L', W)
+        for k in range(2):
+            torch.testing.assert_close(e[k, a.slots[k]], ctx)
+        tokens = toy.tokenize([f"{n}." for n in names])
+        name_emb = toy.embed_tokens(tokens)[0, 1].detach()  # "circle"
+        where = {"end": 5, "middle": 3, "front": 1}[position]
+        torch.testing.assert_close(e[0, where], name_emb)
+        assert int(a.eot[0]) == 1 + 4 + 2  # SOT, context, name, period -> EOT
+
+
+def test_tmm_without_ctp_and_tft_is_coop_scaled(toy):
+    """With both modules off, Eq. (11) reduces to s (1 + lambda) cos(f, G(p_i))."""
+    from vlmtune.methods.tmm import TMMClassifier
+
+    settings = {"n_ctx": 4, "position": "end", "embed_dim": 128, "width": 128, "lam": 0.2, "ctp": "none"}
+    settings |= {"tft": "none", "scale": 10.0}
+    names = ["circle", "square", "star"]
+    clf = TMMClassifier(names, torch.randn(4, 128) * 0.02, settings).bind(toy)
+    f, patches = torch.randn(5, 128), torch.randn(5, 64, 128)
+    with torch.no_grad():
+        got = clf.forward_logits(f, patches)
+        g = clf.text_features()
+    expected = 10.0 * 1.2 * torch.nn.functional.normalize(f, dim=-1) @ g.T
+    torch.testing.assert_close(got, expected)
+
+
+def test_coop_beats_zero_shot_by_ten_points_on_sketches(toy):
+    zs = run(RunConfig(method="zeroshot", dataset="toy:shapes-sketch"), progress=False, backbone=toy)
+    coop = run(
+        RunConfig(method="coop", dataset="toy:shapes-sketch", shots=16, seed=1, options={"epochs": 20}),
+        progress=False,
+        backbone=toy,
+    )
+    assert coop.accuracy["test"] >= zs.accuracy["test"] + 10
+
+
+def test_protocols_write_tables(toy, tmp_path):
+    sweep = few_shot_sweep(["zeroshot", "tip_adapter"], "toy:shapes-sketch", shots=(1, 4), seeds=(1, 2), backbone=toy)
+    assert len(sweep.rows) == 8
+    assert sweep.mean("tip_adapter", "4", "test") > sweep.mean("zeroshot", "4", "test")
+    folder = sweep.write(tmp_path / "sweep")
+    assert (folder / "results.md").read_text().count("\n") == 2 + 4
+    assert (folder / "accuracy_vs_shots.png").stat().st_size > 0
+    b2n = base_to_new(["zeroshot", "linear_probe"], "toy:shapes-sketch", seeds=(1,), backbone=toy)
+    rows = {r["method"]: r for r in b2n.rows}
+    assert rows["linear_probe"]["new"] is None and rows["zeroshot"]["new"] > 0  # the probe has no new-class path
+    assert rows["zeroshot"]["H"] == pytest.approx(
+        2 * rows["zeroshot"]["base"] * rows["zeroshot"]["new"] / (rows["zeroshot"]["base"] + rows["zeroshot"]["new"])
+    )
+    dg = transfer(["zeroshot"], "toy:toynet", ["toy:toynet-v2", "toy:toynet-sketch"], seeds=(1,), backbone=toy)
+    row = dg.rows[0]
+    assert row["toy:toynet"] > row["toy:toynet-sketch"] and row["toy:toynet-v2"] > 50
+    dg.write(tmp_path / "dg")
+    assert "toy:toynet-v2" in (tmp_path / "dg" / "results.csv").read_text()
