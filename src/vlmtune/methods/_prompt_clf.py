@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.capabilities import Capability
 from vlmtune.features.extract import FeatureSet
-from vlmtune.methods._prompt import PromptAssembler, Schedule, init_context, train_sgd_cosine
-from vlmtune.methods.base import Classifier, Task
+from vlmtune.methods._prompt import PromptAssembler, Schedule, coop_epochs, init_context, train_sgd_cosine
+from vlmtune.methods.base import Classifier, Method, Task
 
 
 class PromptClassifier(Classifier):
@@ -47,6 +48,8 @@ class PromptClassifier(Classifier):
         return None
 
     def bind(self, backbone: Backbone) -> PromptClassifier:
+        if self._backbone is backbone:
+            return self  # already wired: keep the assembler and the cached text features
         self._backbone = backbone
         self._assembler = PromptAssembler(backbone, self.classnames, self.settings["n_ctx"], self.settings["position"])
         self.to(backbone.device)
@@ -96,7 +99,7 @@ class PromptClassifier(Classifier):
         return self._batched(data.features, data.patches if self.needs_patches else None)
 
     def predict_images(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-        self.bind(backbone) if self._backbone is not backbone else None
+        self.bind(backbone)
         with torch.no_grad():
             pooled, patches = backbone.encode_image_tokens(images)
         return self._batched(pooled, patches if self.needs_patches else None)
@@ -129,8 +132,6 @@ def fit_prompt_classifier(
 ) -> PromptClassifier:
     """Initialise ``cls`` (context by CoOp's rule, head by torch's default init from ``generator``) and train it
     with cross-entropy on the task's training features under ``schedule``; the backbone stays frozen."""
-    from vlmtune.features.extract import FeatureSet
-
     train = task.train
     if not isinstance(train, FeatureSet) or len(train) == 0:
         raise ValueError(f"{cls.method} needs labelled training features")
@@ -155,3 +156,32 @@ def fit_prompt_classifier(
         train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator)
     clf.eval()
     return clf
+
+
+def schedule_for(cfg: Any, task: Task) -> Schedule:
+    """The config's SGD schedule; ``epochs=None`` picks CoOp's epochs by shots."""
+    train = task.train
+    shots = max(1, len(train) // max(1, task.num_classes)) if train is not None else 1
+    return Schedule(lr=cfg.lr, epochs=cfg.epochs or coop_epochs(shots), batch_size=cfg.batch_size)
+
+
+class PromptMethod(Method):
+    """The fit shared by CoOp, CoCoOp and TMM: settings from the config, then ``fit_prompt_classifier``.
+
+    Configs have ``n_ctx``, ``ctx_init``, ``position``, ``lr``, ``epochs`` and ``batch_size``; subclasses add their
+    own saved settings in ``extra_settings``.
+    """
+
+    capability = Capability.WHITE_BOX
+    supports_new_classes = True
+
+    def extra_settings(self) -> dict[str, Any]:
+        return {}
+
+    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> PromptClassifier:
+        cfg = self.config
+        settings = {"n_ctx": cfg.n_ctx, "position": cfg.position, "embed_dim": handle.embed_dim}
+        settings |= {"width": handle.token_width, **self.extra_settings()}
+        cls = self.classifier
+        assert issubclass(cls, PromptClassifier)
+        return fit_prompt_classifier(cls, handle, task, settings, cfg.ctx_init, schedule_for(cfg, task), generator)

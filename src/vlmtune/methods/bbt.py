@@ -12,10 +12,9 @@ from dataclasses import asdict
 import torch
 
 from vlmtune.blackbox.api import BlackBoxVLM
-from vlmtune.capabilities import Capability
 from vlmtune.methods._blackbox import BlackBoxClassifier
-from vlmtune.methods.base import Method, Task, register_method
-from vlmtune.methods.craft import BBTConfig, CollaborativeTrainer, CraftConfig, trainer_run
+from vlmtune.methods.base import Task, register_method
+from vlmtune.methods.craft import BBTConfig, BlackBoxMethod, CollaborativeTrainer, CraftConfig, trainer_run
 
 
 class BBTClassifier(BlackBoxClassifier):
@@ -23,16 +22,12 @@ class BBTClassifier(BlackBoxClassifier):
 
 
 @register_method("bbt")
-class BBT(Method):
+class BBT(BlackBoxMethod):
     """Black-box tuning: CMA-ES over a random subspace of the prompt context, cross-entropy fitness."""
 
-    capability = Capability.BLACK_BOX
     config_cls = BBTConfig
     classifier = BBTClassifier
     summary = "BBT: CMA-ES over a random subspace of the prompt context (black box)"
-
-    def box_options(self) -> dict[str, bool]:
-        return {"visual_prompts": self.config.visual_prompt}
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
         cfg = CraftConfig(**asdict(self.config), use_head=False)

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.methods._prompt import mlp
-from vlmtune.methods._prompt_clf import PromptClassifier, fit_prompt_classifier
-from vlmtune.methods.base import Method, Task, register_method
-from vlmtune.methods.coop import schedule_for
+from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
+from vlmtune.methods.base import register_method
 
 
 @dataclass(frozen=True)
@@ -47,21 +45,9 @@ class CoCoOpClassifier(PromptClassifier):
 
 
 @register_method("cocoop")
-class CoCoOp(Method):
+class CoCoOp(PromptMethod):
     """CoCoOp: image-conditioned prompt context (Meta-Net residual), batched over images and classes."""
 
-    capability = Capability.WHITE_BOX
     config_cls = CoCoOpConfig
     classifier = CoCoOpClassifier
-    supports_new_classes = True
     summary = "CoCoOp: Meta-Net image-conditioned context, batched (no batch-size-1 limit)"
-
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> CoCoOpClassifier:
-        cfg = self.config
-        settings = {"n_ctx": cfg.n_ctx, "position": cfg.position, "embed_dim": handle.embed_dim}
-        settings["width"] = handle.token_width
-        clf = fit_prompt_classifier(
-            CoCoOpClassifier, handle, task, settings, cfg.ctx_init, schedule_for(cfg, task), generator
-        )
-        assert isinstance(clf, CoCoOpClassifier)
-        return clf

@@ -9,13 +9,10 @@ Trained on cached image features (frozen image tower; no augmentation: see docs/
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from vlmtune.backbones.base import Backbone, Capability
-from vlmtune.methods._prompt import Schedule, coop_epochs
-from vlmtune.methods._prompt_clf import PromptClassifier, fit_prompt_classifier
-from vlmtune.methods.base import Method, Task, register_method
+from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
+from vlmtune.methods.base import register_method
 
 
 @dataclass(frozen=True)
@@ -33,28 +30,14 @@ class CoOpClassifier(PromptClassifier):
     pass
 
 
-def schedule_for(cfg: CoOpConfig | object, task: Task, default_epochs: int | None = None) -> Schedule:
-    train = task.train
-    shots = max(1, len(train) // max(1, task.num_classes)) if train is not None else 1
-    epochs = getattr(cfg, "epochs", None) or default_epochs or coop_epochs(shots)
-    return Schedule(lr=cfg.lr, epochs=epochs, batch_size=cfg.batch_size)  # type: ignore[attr-defined]
-
-
 @register_method("coop")
-class CoOp(Method):
+class CoOp(PromptMethod):
     """CoOp: learnable prompt context through the frozen text tower."""
 
-    capability = Capability.WHITE_BOX
     config_cls = CoOpConfig
     classifier = CoOpClassifier
     supports_new_classes = True  # unified context; class-specific context cannot (raises)
     summary = "CoOp: learnable context vectors (unified or class-specific), SGD + cosine"
 
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> CoOpClassifier:
-        cfg = self.config
-        settings = {"n_ctx": cfg.n_ctx, "position": cfg.position, "csc": cfg.csc}
-        clf = fit_prompt_classifier(
-            CoOpClassifier, handle, task, settings, cfg.ctx_init, schedule_for(cfg, task), generator
-        )
-        assert isinstance(clf, CoOpClassifier)
-        return clf
+    def extra_settings(self) -> dict[str, Any]:
+        return {"csc": self.config.csc}

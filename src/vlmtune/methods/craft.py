@@ -277,6 +277,15 @@ class CollaborativeTrainer:
                 self._next_report += every
 
 
+class BlackBoxMethod(Method):
+    """What BBT and CraFT share as plugins: the black-box capability and the box they need (visual prompts)."""
+
+    capability = Capability.BLACK_BOX
+
+    def box_options(self) -> dict[str, bool]:
+        return {"visual_prompts": self.config.visual_prompt}
+
+
 class CraftClassifier(BlackBoxClassifier):
     pass
 
@@ -288,16 +297,12 @@ def trainer_run(trainer: CollaborativeTrainer, method: Method) -> BlackBoxClassi
 
 
 @register_method("craft")
-class Craft(Method):
+class Craft(BlackBoxMethod):
     """CraFT / CARROT: CMA-ES prompt search + residual refinement head, trained collaboratively."""
 
-    capability = Capability.BLACK_BOX
     config_cls = CraftConfig
     classifier = CraftClassifier
     summary = "CraFT (= CARROT): CMA-ES subspace prompts + residual refinement head, collaborative training"
-
-    def box_options(self) -> dict[str, bool]:
-        return {"visual_prompts": self.config.visual_prompt}
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:
         return trainer_run(CollaborativeTrainer(self.config, handle, task, generator, CraftClassifier), self)

@@ -28,11 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.methods._prompt import mlp
-from vlmtune.methods._prompt_clf import PromptClassifier, fit_prompt_classifier
-from vlmtune.methods.base import Method, Task, register_method
-from vlmtune.methods.coop import schedule_for
+from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
+from vlmtune.methods.base import register_method
 
 VARIANTS = ("attention", "mlp", "none")
 
@@ -121,29 +119,14 @@ class TMMClassifier(PromptClassifier):
 
 
 @register_method("tmm")
-class TMM(Method):
+class TMM(PromptMethod):
     """TMM: class-aware text prompts (CTP) + text-guided feature tuning (TFT), fused prediction (Eq. 11)."""
 
-    capability = Capability.WHITE_BOX
     config_cls = TMMConfig
     classifier = TMMClassifier
-    supports_new_classes = True
     needs_patches = True
     summary = "TMM: class-aware text prompts + text-guided feature tuning (paper 002), batched"
 
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> TMMClassifier:
+    def extra_settings(self) -> dict[str, Any]:
         cfg = self.config
-        settings = {
-            "n_ctx": cfg.n_ctx,
-            "position": cfg.position,
-            "embed_dim": handle.embed_dim,
-            "width": handle.token_width,
-            "lam": cfg.lam,
-            "ctp": cfg.ctp,
-            "tft": cfg.tft,
-        }
-        clf = fit_prompt_classifier(
-            TMMClassifier, handle, task, settings, cfg.ctx_init, schedule_for(cfg, task), generator
-        )
-        assert isinstance(clf, TMMClassifier)
-        return clf
+        return {"lam": cfg.lam, "ctp": cfg.ctp, "tft": cfg.tft}

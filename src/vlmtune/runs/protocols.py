@@ -133,10 +133,8 @@ class _Context:
                 classifier = classifier.for_classnames(split.classnames, self.backbone)
             except (NotImplementedError, TypeError):
                 return None  # the method cannot describe classes it was not trained on
-        patches = bool(getattr(classifier, "needs_patches", False))
-        return score_split(
-            classifier, self.backbone, split, FeatureSource(self.backbone, self.cache, False, patches), False
-        )
+        source = FeatureSource(self.backbone, self.cache, False)  # score_split adds patch features if needed
+        return score_split(classifier, self.backbone, split, source, False)
 
 
 def _context(backbone: str | Backbone, cache: FeatureCache | None, options: Options | None, progress: bool):
