@@ -5,17 +5,21 @@ Imports only the black-box API: never a backbone, open_clip or transformers (imp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cma
 import numpy as np
 import torch
 from torch import nn
 
 from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, PredictRequest
 from vlmtune.methods.base import Classifier
+
+with warnings.catch_warnings():  # pycma warns at import when matplotlib is absent (its plots only; not used here)
+    warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+    import cma
 
 
 @dataclass(frozen=True)
