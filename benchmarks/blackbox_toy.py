@@ -27,7 +27,8 @@ from vlmtune.runs.runner import RunConfig, run
 ABLATIONS = {
     "PG only": {"use_head": False},
     "PR only": {"use_prompt": False},
-    "PG+PR, no collaboration": {"collaborative": False},
+    "PG+PR, no collaboration": {"training": "iterative"},
+    "PG then PR (sequential)": {"training": "sequential"},
     "no residual": {"residual": False},
     "linear head": {"head": "linear"},
     "reference head (2x256, Adam)": {"head_layers": 2, "head_hidden": 256, "optimizer": "adam"},

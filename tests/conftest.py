@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -115,3 +116,35 @@ def toy_setup(toy):
         return fit_features, (lambda clf: clf.bind(toy).score(test)), test.labels, task
 
     return get
+
+
+@contextlib.contextmanager
+def running_server(app, header_timeout: float = 10.0, max_connections: int = 128):
+    """Serve an ASGI app on a free loopback port in a thread; yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from vlmtune.blackbox.server import server_config
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, header_timeout, max_connections, "error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def key_box(app, key: str):
+    """The per-key box behind a served app (tests look at its counters)."""
+    from vlmtune.blackbox.accounts import key_id
+
+    return app.app.state.boxes[key_id(key)]

@@ -49,7 +49,7 @@ def test_upload_is_content_addressed(toy, box_and_ids):
     test = load_dataset("toy:shapes")["test"]
     assert box.upload_images([test.image(0)]) == ids[:1]
     assert box.usage().images == 20
-    with pytest.raises(ValueError, match="decode"):
+    with pytest.raises(ValueError, match="not a readable"):
         box.upload([b"not an image"])
 
 
@@ -90,7 +90,7 @@ def test_add_and_replace_contexts(toy, box_and_ids):
         ({"template": "no placeholder"}, ValueError),
         ({"classnames": []}, ValueError),
         ({"mode": "multiply"}, ValueError),
-        ({"image_ids": ["nope"]}, KeyError),
+        ({"image_ids": ["nope"]}, LookupError),
     ],
 )
 def test_malformed_requests_are_rejected_without_charge(box_and_ids, kwargs, error):

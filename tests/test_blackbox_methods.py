@@ -27,20 +27,38 @@ def _acc(method, toy, box, task, test, seed=1, **options):
     return accuracy(clf.predict_blackbox(box, test), test.labels)
 
 
-def test_methods_keep_to_their_budget_and_the_box_enforces_it(toy):
-    box, task, _ = _setup(toy, "toy:shapes-sketch", budget=250)
-    used = box.usage().used
+def test_methods_keep_to_their_budget_and_a_hard_limit_ends_the_run_cleanly(toy):
+    box, task, test = _setup(toy, "toy:shapes-sketch", budget=250)
     cls = get_method("craft")
-    cls(make_config(cls, {"budget": 110, "popsize": 10, "subspace": 32})).fit(
-        box, task, generator=torch.Generator().manual_seed(1)
-    )
-    assert box.usage().used - used == 110  # 10 generations x (10 candidates + 1 mean prompt)
-    from vlmtune.blackbox.api import BudgetExceeded
+    options = {"popsize": 10, "subspace": 32}
+    cls(make_config(cls, {"budget": 110, **options})).fit(box, task, generator=torch.Generator().manual_seed(1))
+    assert box.usage().used == 110  # 10 generations x (10 candidates + 1 mean prompt)
 
-    with pytest.raises(BudgetExceeded):
-        cls(make_config(cls, {"budget": 200, "popsize": 10, "subspace": 32})).fit(
-            box, task, generator=torch.Generator().manual_seed(1)
-        )
+    method = cls(make_config(cls, {"budget": 400, **options}))  # 400 planned, 140 left on the box
+    clf = method.fit(box, task, generator=torch.Generator().manual_seed(1))
+    assert box.usage().used == 110 + 12 * 11  # planned within the limit: 12 generations
+    assert any("allows 140 queries" in n for n in method.hooks.notes)
+    assert clf.predict_blackbox(box, test).shape == (len(test), 10)  # one query more: the last one
+
+
+class _SilentLimit(LocalBlackBox):
+    """A box that does not say how much budget is left (a shared key, another client spending it)."""
+
+    def usage(self):
+        u = super().usage()
+        return type(u)(u.used, None, u.images)
+
+
+def test_a_limit_met_mid_run_keeps_the_adapter_so_far(toy):
+    splits = load_dataset("toy:shapes-sketch")
+    box = _SilentLimit(toy, QueryBudget(100))
+    train = few_shot(splits["train"], 4, 1)
+    task = Task(train.classnames, train.templates, train=upload_split(box, train, False))
+    cls = get_method("craft")
+    method = cls(make_config(cls, {"budget": 400, "popsize": 10, "subspace": 32}))
+    clf = method.fit(box, task, generator=torch.Generator().manual_seed(1))
+    assert box.budget.used <= 100 and clf.head is not None
+    assert any("stopped early" in n for n in method.hooks.notes)
 
 
 def test_short_budget_bbt_and_craft_beat_zero_shot_on_sketches(toy):

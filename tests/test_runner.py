@@ -29,7 +29,11 @@ def test_new_classes_zero_shot_through_runner():
 
 @pytest.mark.realdata
 def test_caltech101_end_to_end_on_the_toy_backbone(shared_data, tmp_path):
-    cfg = RunConfig(method="zeroshot", dataset="caltech101", shots=1, data_root=str(shared_data))
+    cfg = RunConfig(method="linear_probe", dataset="caltech101", shots=1, data_root=str(shared_data))
     res = run(cfg, cache=FeatureCache(tmp_path), progress=False)
-    assert 0.0 <= res.accuracy["test"] <= 100.0 and res.n_train == 100
-    assert len(res.classifier.classnames) == 100
+    assert 0.0 <= res.accuracy["test"] <= 100.0 and res.n_train == 100 and res.shots_used == {"min": 1, "max": 1}
+    assert len(res.classifier.classnames) == 100 and set(res.metrics["test"]) == {
+        "acc1",
+        "acc5",
+        "mean_per_class_recall",
+    }

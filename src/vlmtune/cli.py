@@ -1,10 +1,14 @@
-"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, serve, list."""
+"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, serve, list.
+
+Ordinary mistakes end in one line on stderr and exit code 2 (``-v`` adds the traceback); Ctrl-C prints one
+line and exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -12,96 +16,112 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from vlmtune import __version__
+from vlmtune.blackbox.api import BudgetExceeded
 from vlmtune.errors import VlmtuneError
 
 log = logging.getLogger("vlmtune")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-TOUR_TASKS = ("toy:shapes", "toy:shapes-sketch", "toy:toynet-pixel", "toy:nonce-shapes", "toy:colour-shapes")
+USER_ERRORS = (VlmtuneError, ValueError, NotImplementedError, OSError, LookupError, BudgetExceeded)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        if not sep or not key.strip():
+            raise VlmtuneError(f"--set expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="toy", help="backbone spec (default: toy)")
+def _common(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    p.add_argument("--backbone", default=None, help="backbone spec (default: toy; see `vlmtune list backbones`)")
     p.add_argument("--data-root", default=None, help="folder with the real datasets (default: $VLMTUNE_DATA or ./data)")
-    p.add_argument(
-        "--cache-dir", default=None, help="feature cache folder (default: $VLMTUNE_CACHE or ~/.cache/vlmtune)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--device", default="cpu")
+    if cache:
+        p.add_argument("--cache-dir", default=None, help="feature cache (default: $VLMTUNE_CACHE or ~/.cache/vlmtune)")
+        p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (logged) instead of failing")
 
 
-def cmd_tour(args: argparse.Namespace) -> int:
-    from vlmtune.runs.report import markdown_table
-    from vlmtune.runs.runner import RunConfig, open_cache, run
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
 
+
+# ---- tour ----------------------------------------------------------------------------------------------------
+def cmd_tour(args: argparse.Namespace) -> int:
+    from vlmtune.runs.runner import open_cache
+    from vlmtune.runs.tour import FULL, QUICK, run_tour
+
+    plan = FULL if args.full else QUICK
     cache = open_cache(args.cache_dir, not args.no_cache)
-    rows, records = [], []
-    print(f"vlmtune tour: zero-shot vs {args.shots}-shot linear probe on the bundled toy world (seed {args.seed})\n")
-    for dataset in args.tasks:
-        accs = {}
-        for method in ("zeroshot", "linear_probe"):
-            cfg = RunConfig(method=method, dataset=dataset, backbone=args.backbone, shots=args.shots, seed=args.seed)
-            res = run(cfg, cache=cache, progress=not args.quiet)
-            accs[method] = res.accuracy["test"]
-            records.append(res.to_json())
-        rows.append(
-            [dataset, accs["zeroshot"], accs["linear_probe"], f"{accs['linear_probe'] - accs['zeroshot']:+.1f}"]
-        )
-    table = markdown_table(["task", "zero-shot (%)", f"linear probe {args.shots}-shot (%)", "gain"], rows)
-    print(table)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(records, indent=1))
-    print(f"\nwritten to {out}/results.md; next: `vlmtune list`, `vlmtune fit --help`")
+    print(plan.intro, "\n", flush=True)
+    table = run_tour(plan, backbone=args.backbone or "toy", cache=cache, progress=_progress(args), out=out)
+    print(table)
+    print(f"\nwritten to {out}/results.md; next: `vlmtune list methods --options`, `vlmtune fit --help`")
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from vlmtune.runs.runner import RunConfig, open_cache, run
+# ---- fit -----------------------------------------------------------------------------------------------------
+def _fit_config(args: argparse.Namespace) -> Any:
+    from vlmtune.runs.runner import RunConfig
 
-    cfg = RunConfig(
-        method=args.method,
-        dataset=args.dataset,
-        backbone=args.backbone,
-        shots=args.shots,
-        seed=args.seed,
-        options=_options(args.set),
-        subsample=args.subsample,
-        data_root=args.data_root,
-        device=args.device,
-        skip_corrupt=args.skip_corrupt,
-        query_budget=args.query_budget,
-        curve_every=args.curve_every,
-    )
-    out = Path(
-        args.out
-        or f"runs/{args.method}-{args.dataset.replace(':', '_').replace('/', '_')}-{args.shots}shot-seed{args.seed}"
-    )
-    run(
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VlmtuneError(f"cannot read --config {args.config}: {exc}") from None
+    given = {
+        "method": args.method,
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "shots": args.shots,
+        "seed": args.seed,
+        "subsample": args.subsample,
+        "data_root": args.data_root,
+        "device": args.device,
+        "query_budget": args.query_budget,
+        "curve_every": args.curve_every,
+        "service": args.service,
+    }
+    merged = {**base, **{k: v for k, v in given.items() if v is not None}}
+    merged["skip_corrupt"] = args.skip_corrupt or bool(base.get("skip_corrupt", False))
+    options = {**base.get("options", {}), **_options(args.set)}
+    if args.preset:
+        options["preset"] = args.preset
+    merged["options"] = options
+    missing = [f"--{k}" for k in ("method", "dataset") if not merged.get(k)]
+    if missing:
+        raise VlmtuneError(f"fit needs {' and '.join(missing)} (or --config <run>/config.json); see `vlmtune list`")
+    return RunConfig.from_json(merged)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from vlmtune.runs.runner import open_cache, run
+
+    cfg = _fit_config(args)
+    name = cfg.dataset.replace(":", "_").replace("/", "_").strip("_")
+    out = Path(args.out or f"runs/{cfg.method}-{name}-{cfg.shots}shot-seed{cfg.seed}")
+    result = run(
         cfg,
         out_dir=out,
         cache=open_cache(args.cache_dir, not args.no_cache),
-        progress=not args.quiet,
+        progress=_progress(args),
         resume=args.resume,
+        overwrite=args.overwrite,
+        api_key=args.api_key or os.environ.get("VLMTUNE_API_KEY"),
     )
     print((out / "results.md").read_text(), end="")
+    if result.queries is not None:
+        print(f"queries used: {result.queries}")
     print(f"run directory: {out}")
     return 0
 
 
+# ---- eval ----------------------------------------------------------------------------------------------------
 def _load_run(folder: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from vlmtune.methods.base import load_classifier
 
@@ -113,24 +133,61 @@ def _load_run(folder: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return clf, meta, config
 
 
+def _write_json(path: str, data: Any) -> None:
+    from vlmtune._io import atomic_write
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a saved run; without --run, zero-shot evaluation of a dataset or image folder."""
     from vlmtune.backbones import load_backbone
     from vlmtune.data import base_new_split, load_dataset
-    from vlmtune.runs.runner import FeatureSource, open_cache, score_split
+    from vlmtune.data.templates import DEFAULT_TEMPLATE
+    from vlmtune.methods.base import Task
+    from vlmtune.methods.zeroshot import zero_shot_classifier
+    from vlmtune.metrics import classification_metrics
+    from vlmtune.runs.runner import FeatureSource, open_cache, split_logits
 
-    clf, meta, config = _load_run(Path(args.run))
-    backbone = load_backbone(meta["backbone"], args.device)
-    dataset = args.dataset or config.get("dataset") or meta.get("dataset")
-    splits = load_dataset(dataset, args.data_root or config.get("data_root"), args.skip_corrupt)
+    if args.run is None and args.dataset is None:
+        raise VlmtuneError("eval needs --run (a saved run) or --dataset (zero-shot evaluation)")
+    cache = open_cache(args.cache_dir, not args.no_cache)
+    if args.run is not None:
+        clf, meta, config = _load_run(Path(args.run))
+        spec = args.backbone or meta["backbone"]
+        dataset = args.dataset or config.get("dataset") or meta.get("dataset")
+        data_root = args.data_root or config.get("data_root")
+    else:
+        spec, dataset, data_root = args.backbone or "toy", args.dataset, args.data_root
+    backbone = load_backbone(spec, args.device or "cpu")
+    splits = load_dataset(dataset, data_root, args.skip_corrupt)
+    if args.split not in splits:
+        raise VlmtuneError(f"{dataset} has no {args.split!r} split (it has: {', '.join(splits)})")
     split = base_new_split(splits[args.split], args.subsample)
-    if split.classnames != clf.classnames:
-        clf = clf.for_classnames(split.classnames, backbone)
-    source = FeatureSource(backbone, open_cache(args.cache_dir, not args.no_cache), not args.quiet)
-    acc = score_split(clf, backbone, split, source, not args.quiet)
-    print(json.dumps({"run": args.run, "dataset": dataset, "split": split.split, "accuracy": round(acc, 2)}))
+    source = FeatureSource(backbone, cache, _progress(args))
+    out: dict[str, Any] = {"dataset": dataset, "split": split.split, "backbone": spec, "images": len(split)}
+    if args.run is not None:
+        if split.classnames != clf.classnames:
+            clf = clf.for_classnames(split.classnames, backbone)
+        out["run"] = args.run
+        out |= classification_metrics(*split_logits(clf, backbone, split, source, _progress(args)))
+    else:  # zero-shot with the dataset's template (or --template), and with CLIP's plain "a photo of a {}."
+        task = Task(split.classnames, split.templates)
+        templates = dict.fromkeys([args.template or "dataset", DEFAULT_TEMPLATE])
+        out["zeroshot"] = {}
+        for template in templates:
+            zs = zero_shot_classifier(backbone, task, args.ensemble and template == "dataset", template)
+            label = "ensemble" if args.ensemble and template == "dataset" else zs.templates[0]
+            out["zeroshot"][label] = classification_metrics(*split_logits(zs, backbone, split, source, _progress(args)))
+    print(json.dumps(out))
+    if args.out:
+        _write_json(args.out, out)
     return 0
 
 
+# ---- predict -------------------------------------------------------------------------------------------------
 def _collect_images(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
@@ -140,14 +197,18 @@ def _collect_images(paths: list[str]) -> list[Path]:
             files.append(p)
         else:
             raise VlmtuneError(f"no such image or folder: {p}")
+    if not files:
+        raise VlmtuneError(f"no images found in {', '.join(paths)}")
     return files
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from vlmtune.backbones import load_backbone
     from vlmtune.data.base import open_image
+    from vlmtune.errors import CorruptImage
 
     clf, meta, _ = _load_run(Path(args.run))
     files = _collect_images(args.images)
@@ -155,10 +216,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if hasattr(clf, "predict_blackbox"):
         from vlmtune.blackbox.api import ImageRefs
 
-        if args.service:  # the adapter's prompt and head, the service's model
+        service = args.service or meta.get("service")
+        if service:  # the adapter's prompt and head, the service's model
             from vlmtune.blackbox.client import HttpBlackBox
 
-            box = HttpBlackBox(args.service, args.api_key or os.environ.get("VLMTUNE_API_KEY", ""))
+            box = HttpBlackBox(service, args.api_key or os.environ.get("VLMTUNE_API_KEY", ""))
         else:
             from vlmtune.blackbox.local import LocalBlackBox
 
@@ -166,35 +228,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         backbone = load_backbone(meta["backbone"], args.device)
         if args.classnames:
-            clf = clf.for_classnames([c.strip() for c in args.classnames.split(",")], backbone)
+            clf = clf.for_classnames([c.strip() for c in args.classnames.split(",") if c.strip()], backbone)
     k = min(args.top_k, len(clf.classnames))
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(open(args.out, "w", newline="")) if args.out != "-" else sys.stdout
-        writer = csv.writer(out)
-        writer.writerow(["path", "prediction", "confidence"] + [f"top{i + 1}" for i in range(1, k)])
-        for start in tqdm(range(0, len(files), 64), desc="predicting", unit="batch", disable=args.quiet):
-            batch = files[start : start + 64]
-            if box is not None:
-                ids = box.upload([f.read_bytes() for f in batch])
-                logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
-            else:
-                logits = clf.predict_images(backbone, torch.stack([backbone.preprocess(open_image(f)) for f in batch]))
-            probs = logits.softmax(-1)  # (B, K)
-            conf, idx = probs.topk(k, dim=-1)
-            for f, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
-                writer.writerow([str(f), clf.classnames[i[0]], f"{c[0]:.4f}"] + [clf.classnames[j] for j in i[1:]])
-    if args.out != "-":
-        print(f"{len(files)} predictions written to {args.out}")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "prediction", "confidence"] + [f"top{i + 1}" for i in range(1, k)])
+    skipped = 0
+    for start in tqdm(range(0, len(files), 64), desc="predicting", unit="batch", disable=not _progress(args)):
+        batch, images = [], []
+        for f in files[start : start + 64]:
+            try:
+                images.append(open_image(f))
+                batch.append(f)
+            except CorruptImage as exc:
+                if not args.skip_corrupt:
+                    raise VlmtuneError(f"{exc} (--skip-corrupt skips such files); nothing was written") from None
+                log.warning("skipping unreadable image: %s", exc)
+                skipped += 1
+        if not batch:
+            continue
+        if box is not None:
+            ids = box.upload([f.read_bytes() for f in batch])
+            logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
+        else:
+            logits = clf.predict_images(backbone, torch.stack([backbone.preprocess(im) for im in images]))
+        conf, idx = logits.softmax(-1).topk(k, dim=-1)  # (B, k)
+        for f, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
+            writer.writerow([str(f), clf.classnames[i[0]], f"{c[0]:.4f}"] + [clf.classnames[j] for j in i[1:]])
+    if args.out == "-":
+        sys.stdout.write(buffer.getvalue())
+    else:
+        from vlmtune._io import atomic_write
+
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(buffer.getvalue()))  # all or nothing
+        print(
+            f"{len(files) - skipped} predictions written to {args.out}" + (f" ({skipped} skipped)" if skipped else "")
+        )
     return 0
 
 
+# ---- protocol ------------------------------------------------------------------------------------------------
 def _method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """``METHOD.KEY=VALUE`` pairs -> {method: {key: value}}."""
     out: dict[str, dict[str, Any]] = {}
     for key, value in _options(pairs).items():
         method, dot, name = key.partition(".")
         if not dot or not method or not name:
-            raise ValueError(f"--set expects METHOD.KEY=VALUE (e.g. coop.epochs=50), got {key!r}")
+            raise VlmtuneError(f"--set expects METHOD.KEY=VALUE (e.g. coop.epochs=50), got {key!r}")
         out.setdefault(method, {})[name] = value
     return out
 
@@ -203,36 +283,48 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     from vlmtune.runs.protocols import ProtocolSettings, base_to_new, few_shot_sweep, transfer
     from vlmtune.runs.runner import open_cache
 
-    settings = ProtocolSettings(
-        backbone=args.backbone,
-        cache=open_cache(args.cache_dir, not args.no_cache),
-        options=_method_options(args.set),
-        progress=not args.quiet,
-        jobs=args.jobs,
-        device=args.device,
-        data_root=args.data_root,
-        skip_corrupt=args.skip_corrupt,
-    )
     shots = args.shots or ([1, 2, 4, 8, 16] if args.kind == "few-shot" else [16])
     if args.kind != "few-shot" and len(shots) != 1:
-        raise ValueError(f"{args.kind} takes one --shots value")
-    if args.kind == "few-shot":
-        result = few_shot_sweep(args.methods, args.dataset, shots, args.seeds, settings)
-    elif args.kind == "base-to-new":
-        result = base_to_new(args.methods, args.dataset, shots[0], args.seeds, settings)
-    else:
-        if not args.targets:
-            raise ValueError("transfer needs --targets (datasets to test on)")
-        result = transfer(args.methods, args.dataset, args.targets, shots[0], args.seeds, settings)
-    folder = result.write(args.out or f"runs/{args.kind}-{args.dataset.replace(':', '_')}")
+        raise VlmtuneError(f"{args.kind} takes one --shots value")
+    if any(k < 1 for k in shots):
+        raise VlmtuneError("--shots values must be >= 1")
+    if args.kind == "transfer" and not args.targets:
+        raise VlmtuneError("transfer needs --targets (datasets to test on)")
+    folder = Path(args.out or f"runs/{args.kind}-{args.dataset.replace(':', '_')}")
+    settings = ProtocolSettings(
+        backbone=args.backbone or "toy",
+        cache=open_cache(args.cache_dir, not args.no_cache),
+        options=_method_options(args.set),
+        progress=_progress(args),
+        jobs=args.jobs,
+        device=args.device or "cpu",
+        data_root=args.data_root,
+        skip_corrupt=args.skip_corrupt,
+        out=folder,
+        resume=args.resume,
+    )
+    try:
+        if args.kind == "few-shot":
+            result = few_shot_sweep(args.methods, args.dataset, shots, args.seeds, settings)
+        elif args.kind == "base-to-new":
+            result = base_to_new(args.methods, args.dataset, shots[0], args.seeds, settings)
+        else:
+            result = transfer(args.methods, args.dataset, args.targets, shots[0], args.seeds, settings)
+    except BaseException:
+        if (folder / "jobs.jsonl").is_file():
+            print(f"vlmtune: finished jobs are kept in {folder}/jobs.jsonl; add --resume to go on", file=sys.stderr)
+        raise
+    result.write(folder)
     print(result.markdown())
     print(f"\nwritten to {folder}/: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     return 0
 
 
+# ---- list ----------------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from vlmtune.backbones import EXAMPLE_SPECS
     from vlmtune.data import list_datasets
+    from vlmtune.methods._options import describe
     from vlmtune.methods.base import list_methods
 
     what = args.what
@@ -240,6 +332,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("methods:")
         for m in list_methods():
             print(f"  {m.name:<16} [{m.capability.value}] {m.summary}")
+            if args.options:
+                for o in describe(m.config_cls):
+                    limits = f" ({o.constraints})" if o.constraints else ""
+                    print(f"      {o.name:<14} {o.type:<28} default {o.default!r}{limits}: {o.doc}")
+                if m.presets:
+                    print(f"      presets (--set preset=NAME): {', '.join(m.presets)}")
+        if not args.options:
+            print("  (each method's options: vlmtune list methods --options)")
     if what in ("all", "datasets"):
         print("datasets:")
         for d in list_datasets():
@@ -252,87 +352,128 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from vlmtune.errors import require
 
+    require("fastapi", "serve", "vlmtune serve")
+    uvicorn = require("uvicorn", "serve", "vlmtune serve")
     from vlmtune.backbones import load_backbone
+    from vlmtune.blackbox.accounts import UsageStore, generate_keys, load_keys, state_paths
+    from vlmtune.blackbox.api import ServiceLimits
     from vlmtune.blackbox.local import LocalBlackBox
-    from vlmtune.blackbox.server import create_app, load_keys
+    from vlmtune.blackbox.server import create_app, server_config
 
-    budgets = load_keys(args.keys, args.budget)
-    if args.keys is None:
-        print(f"API key: {next(iter(budgets))}  (budget {args.budget})", flush=True)
-    app = create_app(
-        LocalBlackBox(load_backbone(args.backbone, args.device), name=args.name, visual_prompts=args.visual_prompts),
-        budgets,
-        args.max_body_mb * 2**20,
+    keys_file, db = state_paths(args.state)
+    if args.keys is not None:
+        keys = load_keys(args.keys)
+    else:
+        keys = generate_keys(keys_file, args.budget)
+        print(f"API key in {keys_file} (readable by you only): {len(keys)} key(s)", flush=True)
+    limits = ServiceLimits(
+        max_images=args.max_images, max_classes=args.max_classes, max_reply_values=args.max_reply_mb * 2**20 // 4
     )
-    print(f"serving {args.backbone} on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    box = LocalBlackBox(
+        load_backbone(args.backbone, args.device), name=args.name, visual_prompts=args.visual_prompts, limits=limits
+    )
+    app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20)
+    print(f"serving {args.backbone} on http://{args.host}:{args.port} (docs at /docs; usage in {db})", flush=True)
+    uvicorn.Server(server_config(app, args.host, args.port)).run()
     return 0
 
 
+# ---- parser --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vlmtune", description="Adapt CLIP-style vision-language models to your task.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    ap = argparse.ArgumentParser(
+        prog="vlmtune", description="Adapt CLIP-style vision-language models to your task.", parents=[verbosity]
+    )
+    ap.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tour", help="zero-shot vs linear probe on the bundled toy world (offline, seconds)")
-    _add_common(p)
-    p.add_argument("--tasks", nargs="+", default=list(TOUR_TASKS))
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1)
+    def command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbosity], **kw)
+
+    p = command("tour", help="zero-shot vs one method per regime on shifted toy tasks (offline, ~2 minutes)")
+    _common(p)
+    p.add_argument("--full", action="store_true", help="more tasks and methods, seeds 1-3, full budgets (longer)")
     p.add_argument("--out", default="runs/tour")
     p.set_defaults(fn=cmd_tour)
 
-    p = sub.add_parser("fit", help="fit a method on a dataset and save the run directory")
-    _add_common(p)
-    p.add_argument("--method", default="linear_probe")
-    p.add_argument("--dataset", default="toy:shapes-sketch")
-    p.add_argument("--shots", type=int, default=16, help="labelled images per class (0 = all)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--subsample", choices=("all", "base", "new"), default="all")
+    p = command(
+        "fit",
+        help="fit a method on a dataset and save the run directory",
+        description="Examples:\n  vlmtune fit --method coop --dataset toy:shapes-sketch --shots 16\n"
+        "  vlmtune fit --method craft --dataset dtd --data-root ~/data --set preset=reference-dtd\n"
+        "  vlmtune fit --config runs/coop-toy_shapes-sketch-16shot-seed1/config.json --seed 2\n"
+        "Each method's options: vlmtune list methods --options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--method", default=None, help="registered method (vlmtune list methods)")
+    p.add_argument("--dataset", default=None, help="dataset name, toy:<task> or folder:<path>")
+    p.add_argument("--config", default=None, help="re-run a run: its config.json (other flags override it)")
+    p.add_argument("--shots", type=int, default=None, help="labelled images per class (default 16; 0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot pick and the method (default 1)")
+    p.add_argument("--subsample", choices=("all", "base", "new"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--preset", default=None, help="a method's named option set (e.g. craft: carrot, reference)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-<k>shot-seed<s>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--query-budget", type=int, default=None, help="hard limit of the training black box")
     p.add_argument("--resume", action="store_true", help="continue the black-box run stopped in --out")
     p.add_argument(
-        "--curve-every",
-        type=int,
-        default=None,
-        help="black-box methods: test accuracy every N queries -> curve.csv / curve.png",
+        "--curve-every", type=int, default=None, help="black-box methods: test accuracy every N queries -> curve.png"
     )
+    p.add_argument("--service", default=None, help="black-box methods: train through a vlmtune service at this URL")
+    p.add_argument("--api-key", default=None, help="key for --service (default: $VLMTUNE_API_KEY)")
     p.set_defaults(fn=cmd_fit)
 
-    p = sub.add_parser("eval", help="score a saved run on a dataset split")
-    _add_common(p)
-    p.add_argument("--run", required=True, help="run directory or adapter folder")
+    p = command(
+        "eval",
+        help="score a saved run, or zero-shot a dataset or image folder",
+        description="Examples:\n  vlmtune eval --run runs/coop-toy_shapes-sketch-16shot-seed1\n"
+        "  vlmtune eval --dataset folder:~/my_images --backbone openclip:ViT-B-32@openai   # zero-shot\n"
+        "Prints acc1, acc5 and mean per-class recall as JSON (--out writes them to a file).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--run", default=None, help="run directory or adapter folder (omit for zero-shot)")
     p.add_argument("--dataset", default=None, help="default: the run's dataset")
     p.add_argument("--split", default="test")
     p.add_argument("--subsample", choices=("all", "base", "new"), default="all")
+    p.add_argument("--template", default=None, help="zero-shot: template (default: the dataset's)")
+    p.add_argument("--ensemble", action="store_true", help="zero-shot: average the dataset's templates")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict classes of image files or folders -> CSV")
+    p = command("predict", help="predict classes of image files or folders -> CSV")
     p.add_argument("--run", required=True, help="run directory or adapter folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", default="predictions.csv", help="CSV path, '-' for stdout")
+    p.add_argument("--out", default="predictions.csv", help="CSV path (written only when all went well), '-': stdout")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--classnames", default=None, help="comma-separated class names (methods that allow new names)")
     p.add_argument("--service", default=None, help="black-box adapters: URL of a vlmtune service to query")
     p.add_argument("--api-key", default=None, help="key for --service (default: $VLMTUNE_API_KEY)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (logged) instead of failing")
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("serve", help="serve a backbone as a black-box VLM over HTTP (predictions only)")
+    p = command("serve", help="serve a backbone as a black-box VLM over HTTP (predictions only)")
     p.add_argument("--backbone", default="toy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--keys", default=None, help='JSON file {"api-key": query budget or null}; default: one new key')
-    p.add_argument("--budget", type=int, default=8000, help="budget of the generated key (without --keys)")
+    p.add_argument("--keys", default=None, help='keys file {"<key>": budget | null | {"queries", "work", "images"}}')
+    p.add_argument("--state", default="vlmtune-service", help="folder of the usage database and generated keys")
+    p.add_argument("--budget", type=int, default=8000, help="query budget of the generated key (without --keys)")
     p.add_argument("--name", default=None, help="public model name (default: the backbone spec)")
     p.add_argument("--max-body-mb", type=int, default=32)
+    p.add_argument("--max-reply-mb", type=int, default=256, help="largest reply (binary float32)")
+    p.add_argument("--max-classes", type=int, default=2000, help="class names per request")
+    p.add_argument("--max-images", type=int, default=20000, help="image ids per request")
     p.add_argument(
         "--visual-prompts",
         action="store_true",
@@ -340,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser(
+    p = command(
         "protocol",
         help="evaluation protocols: few-shot sweep, base-to-new, transfer (cross-dataset / domain generalisation)",
         description="Run methods under one of the papers' protocols and write JSON, CSV, a Markdown table of "
-        "mean ± std over seeds (and, for few-shot, a plot of accuracy vs shots). Examples:\n"
+        "mean ± std over seeds (and, for few-shot, a plot of accuracy vs shots). Each finished job is kept in "
+        "<out>/jobs.jsonl; --resume skips those. Examples:\n"
         "  vlmtune protocol few-shot --methods zeroshot coop tmm --dataset toy:shapes-sketch --jobs 2\n"
         "  vlmtune protocol base-to-new --methods coop cocoop tmm --dataset toy:shapes-sketch\n"
         "  vlmtune protocol transfer --methods coop tmm --dataset toy:toynet "
@@ -352,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("kind", choices=("few-shot", "base-to-new", "transfer"))
-    _add_common(p)
+    _common(p)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -368,23 +510,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/<kind>-<dataset>)")
+    p.add_argument("--resume", action="store_true", help="skip the jobs already in <out>/jobs.jsonl")
     p.set_defaults(fn=cmd_protocol)
 
-    p = sub.add_parser("list", help="list methods, datasets and backbones")
+    p = command("list", help="list methods (and their options), datasets and backbones")
     p.add_argument("what", nargs="?", choices=("all", "methods", "datasets", "backbones"), default="all")
+    p.add_argument("--options", action="store_true", help="each method's options: type, default, range and doc")
     p.set_defaults(fn=cmd_list)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return int(args.fn(args))
-    except (VlmtuneError, NotImplementedError, ValueError) as exc:
-        print(f"vlmtune: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("vlmtune: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if verbose:
+            log.exception("details")
+        message = str(exc).strip() or type(exc).__name__
+        print(f"vlmtune: error: {message}", file=sys.stderr)
         return 2
 
 

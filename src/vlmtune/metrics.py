@@ -1,4 +1,4 @@
-"""Scores used by the runner and protocols."""
+"""Scores used by the runner and protocols (CLIP_benchmark's names: acc1, acc5, mean_per_class_recall)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,33 @@ import torch
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
+    return topk_accuracy(logits, labels, 1)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percent of samples whose label is among the ``k`` highest logits (all of them when K <= k)."""
     if labels.numel() == 0:
         return float("nan")
-    return 100.0 * float((logits.argmax(-1).cpu() == labels.cpu()).float().mean())
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices.cpu()  # (N, k)
+    return 100.0 * float((top == labels.cpu()[:, None]).any(-1).float().mean())
 
 
-def mean_per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy averaged over classes (in percent), for imbalanced test sets."""
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Recall averaged over the classes present in ``labels`` (in percent), for imbalanced test sets."""
     pred, labels = logits.argmax(-1).cpu(), labels.cpu()
-    accs = [float((pred[labels == c] == c).float().mean()) for c in labels.unique()]
-    return 100.0 * sum(accs) / len(accs) if accs else float("nan")
+    recalls = [float((pred[labels == c] == c).float().mean()) for c in labels.unique()]
+    return 100.0 * sum(recalls) / len(recalls) if recalls else float("nan")
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 and mean per-class recall, in percent, rounded to 2 decimals."""
+    out = {
+        "acc1": accuracy(logits, labels),
+        "acc5": topk_accuracy(logits, labels, 5),
+        "mean_per_class_recall": mean_per_class_recall(logits, labels),
+    }
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def harmonic_mean(base: float, new: float) -> float:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vlmtune.backbones.base import Backbone, Capability, FeatureEncoder
-from vlmtune.errors import UnknownName, WeightsNotAvailable
+from vlmtune.errors import UnknownName, VlmtuneError, WeightsNotAvailable
 
 FAMILIES = ("toy", "openclip", "hf", "local")
 EXAMPLE_SPECS = ("toy", "openclip:ViT-B-32@openai", "openclip:RN50@openai", "hf:openai/clip-vit-base-patch16")
@@ -32,8 +34,25 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return family, rest, None
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> cuda, mps or cpu (what is there); any other name is checked to exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise VlmtuneError(f"unknown device {device!r} (use cpu, cuda, cuda:N, mps or auto)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise VlmtuneError(f"device {device!r}: no CUDA device is available to this torch ({torch.__version__})")
+    return device
+
+
 def load_backbone(spec: str = "toy", device: str = "cpu", cache: bool = True) -> Backbone:
     """Load a backbone from its spec string (see module docstring); loaded backbones are memoised."""
+    device = resolve_device(device)
     key = (spec, device)
     if cache and key in _CACHE:
         return _CACHE[key]
@@ -63,4 +82,12 @@ def load_backbone(spec: str = "toy", device: str = "cpu", cache: bool = True) ->
     return backbone
 
 
-__all__ = ["EXAMPLE_SPECS", "Backbone", "Capability", "FeatureEncoder", "load_backbone", "parse_spec"]
+__all__ = [
+    "EXAMPLE_SPECS",
+    "Backbone",
+    "Capability",
+    "FeatureEncoder",
+    "load_backbone",
+    "parse_spec",
+    "resolve_device",
+]

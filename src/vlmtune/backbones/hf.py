@@ -14,7 +14,7 @@ from torch import nn
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.backbones.openclip import _offline
-from vlmtune.errors import WeightsNotAvailable
+from vlmtune.errors import WeightsNotAvailable, require
 
 
 class HFPreprocess:
@@ -47,15 +47,15 @@ class HFClipBackbone(Backbone):
 
     @classmethod
     def load(cls, spec: str, repo: str, device: str = "cpu") -> HFClipBackbone:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
+        transformers = require("transformers", "hf", f"backbone {spec}")
         offline = _offline()
-        try:
-            model = CLIPModel.from_pretrained(repo, local_files_only=offline, use_safetensors=None)
-            processor = CLIPImageProcessor.from_pretrained(repo, local_files_only=offline)
-            tokenizer = CLIPTokenizer.from_pretrained(repo, local_files_only=offline)
+        try:  # safetensors only: pickled .bin weights are never loaded (convert them once with transformers)
+            model = transformers.CLIPModel.from_pretrained(repo, local_files_only=offline, use_safetensors=True)
+            processor = transformers.CLIPImageProcessor.from_pretrained(repo, local_files_only=offline)
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(repo, local_files_only=offline)
         except OSError as exc:
-            raise WeightsNotAvailable(spec, [f"huggingface cache or folder: {repo}"], str(exc).splitlines()[0]) from exc
+            reason = str(exc).splitlines()[0] + " (vlmtune loads safetensors weights only, never pickled .bin files)"
+            raise WeightsNotAvailable(spec, [f"huggingface cache or folder: {repo}"], reason) from exc
         return cls(model.to(device), processor, tokenizer, spec)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.errors import WeightsNotAvailable
+from vlmtune.errors import WeightsNotAvailable, require
 
 
 def _offline() -> bool:
@@ -24,7 +24,7 @@ def _offline() -> bool:
 
 def _cache_candidates(arch: str, tag: str, cache_dir: str | None) -> tuple[list[Path], list[str]]:
     """Existing cached weight files for (arch, tag) and every place that was searched."""
-    import open_clip.pretrained as ocp
+    ocp = require("open_clip.pretrained", "openclip", f"backbone openclip:{arch}")
 
     cfg = ocp.get_pretrained_cfg(arch, tag)
     if not cfg:
@@ -79,8 +79,7 @@ class OpenClipBackbone(Backbone):
     def load(
         cls, spec: str, arch: str, pretrained: str | None, device: str = "cpu", cache_dir: str | None = None
     ) -> OpenClipBackbone:
-        import open_clip
-
+        open_clip = require("open_clip", "openclip", f"backbone {spec}")
         weights: str | None = None
         if pretrained:
             if Path(pretrained).expanduser().is_file():
@@ -94,7 +93,7 @@ class OpenClipBackbone(Backbone):
                 else:
                     try:
                         model, _, preprocess = open_clip.create_model_and_transforms(
-                            arch, pretrained=pretrained, device=device, cache_dir=cache_dir
+                            arch, pretrained=pretrained, device=device, cache_dir=cache_dir, weights_only=True
                         )
                     except Exception as exc:  # network errors come in many types
                         raise WeightsNotAvailable(spec, searched, f"download failed: {exc}") from exc

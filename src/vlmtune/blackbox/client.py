@@ -1,14 +1,23 @@
-"""``HttpBlackBox``: the ``BlackBoxVLM`` protocol over the HTTP service (``vlmtune serve``)."""
+"""``HttpBlackBox``: the ``BlackBoxVLM`` protocol over the HTTP service (``vlmtune serve``).
+
+Requests are split to fit the service's advertised limits (``/v1/info``): uploads by count and by bytes, score
+requests by candidates (each candidate is still one query), replies come back as raw float32. A request without
+contexts whose reply would be too large is split by images (one query per part).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
-import httpx
 import numpy as np
 
-from vlmtune.blackbox.api import BudgetExceeded, ModelInfo, PredictRequest, Usage
-from vlmtune.blackbox.wire import API_PREFIX, decode_array, encode_array, encode_image
+from vlmtune.blackbox.api import BudgetExceeded, ModelInfo, PredictRequest, UnknownImages, Usage
+from vlmtune.blackbox.wire import API_PREFIX, BINARY, decode_array, decode_binary, encode_array, encode_image
+from vlmtune.errors import require
+
+_OVERHEAD = 4096  # bytes of a request body besides its payload (keys, brackets, template)
 
 
 class HttpBlackBox:
@@ -17,31 +26,49 @@ class HttpBlackBox:
     Args:
         url: service root, e.g. ``http://127.0.0.1:8765``.
         api_key: the key the service issued.
-        upload_batch: images per upload request.
+        timeout: seconds per request.
+        upload_batch: the most images per upload request (fewer when the service's body limit needs it).
+        retries: connection retries (httpx's transport; answers are never retried, so nothing is charged twice).
     """
 
-    def __init__(self, url: str, api_key: str, timeout: float = 120.0, upload_batch: int = 256) -> None:
+    def __init__(
+        self, url: str, api_key: str, timeout: float = 120.0, upload_batch: int = 256, retries: int = 2
+    ) -> None:
+        httpx = require("httpx", "serve", "the HTTP black-box client")
+        if not api_key:
+            raise ValueError("an API key is needed (--api-key or $VLMTUNE_API_KEY)")
         self._client = httpx.Client(
-            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=httpx.HTTPTransport(retries=retries),
         )
-        self.upload_batch = upload_batch
+        self.url, self.upload_batch = url, upload_batch
         self._info: ModelInfo | None = None
+        self.requests = 0  # HTTP requests sent (tests)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        r = self._client.request(method, f"{API_PREFIX}{path}", **kwargs)
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            r = self._client.request(method, f"{API_PREFIX}{path}", **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"cannot reach the black-box service at {self.url}: {exc}") from None
+        self.requests += 1
         if r.status_code == 200:
+            if r.headers.get("content-type", "").startswith(BINARY):
+                return decode_binary(r.content, r.headers.get("x-shape", ""))
             return r.json()
-        detail = (
-            r.json().get("detail", r.text)
-            if r.headers.get("content-type", "").startswith("application/json")
-            else r.text
-        )
+        is_json = r.headers.get("content-type", "").startswith("application/json")
+        body = r.json() if is_json else {}
+        detail = body.get("detail", r.text[:300]) if isinstance(body, dict) else r.text[:300]
         if r.status_code == 429:
-            body = r.json()
-            raise BudgetExceeded(0, int(body.get("used", 0)), int(body.get("limit") or 0))
+            raise BudgetExceeded(0, int(body.get("used", 0)), int(body.get("limit") or 0), body.get("what", "query"))
         if r.status_code == 404:
-            raise KeyError(detail)
-        if r.status_code in (400, 413, 422):
+            raise UnknownImages(str(detail))
+        if r.status_code == 401:
+            raise PermissionError(f"the service at {self.url} refused the API key")
+        if r.status_code in (400, 408, 413, 422):
             raise ValueError(f"service rejected the request ({r.status_code}): {detail}")
         raise RuntimeError(f"service error {r.status_code}: {detail}")
 
@@ -51,13 +78,77 @@ class HttpBlackBox:
         return self._info
 
     def upload(self, images: list[bytes]) -> list[str]:
+        """Upload in requests that fit the service's image count and body size limits."""
+        info = self.info()
+        per_request = min(self.upload_batch, int(info.limits.get("max_upload_images", self.upload_batch)))
+        room = (info.max_body_bytes or 2**62) - _OVERHEAD
         ids: list[str] = []
-        for start in range(0, len(images), self.upload_batch):
-            chunk = [encode_image(b) for b in images[start : start + self.upload_batch]]
+        chunk: list[str] = []
+        size = 0
+        for i, data in enumerate(images):
+            text = encode_image(data)
+            if len(text) + 4 > room:
+                raise ValueError(
+                    f"image {i} is {len(data)} bytes: over the service's {info.max_body_bytes}-byte body limit"
+                )
+            if chunk and (len(chunk) >= per_request or size + len(text) + 4 > room):
+                ids += self._call("POST", "/images", json={"images": chunk})["ids"]
+                chunk, size = [], 0
+            chunk.append(text)
+            size += len(text) + 4
+        if chunk:
             ids += self._call("POST", "/images", json={"images": chunk})["ids"]
         return ids
 
     def predict(self, request: PredictRequest) -> np.ndarray:
+        """Scores (C, N, K), in as many requests as the service's limits need (C queries in all)."""
+        lim = self.info().service_limits
+        n, k = len(request.image_ids), len(request.classnames)
+        if (
+            request.contexts is None
+            and request.visual_contexts is None
+            and (n * k > lim.max_reply_values or n > lim.max_images)
+        ):
+            step = max(1, min(lim.max_images, lim.max_reply_values // k))  # one query per part
+            parts = [self._send(replace(request, image_ids=request.image_ids[i : i + step])) for i in range(0, n, step)]
+            return np.concatenate(parts, axis=1)
+        per = self._candidates_per_request(request)
+        c = request.n_candidates
+        if per >= c:
+            return self._send(request)
+        parts = []
+        for start in range(0, c, per):
+            cut = slice(start, start + per)
+            parts.append(
+                self._send(
+                    replace(
+                        request,
+                        contexts=request.contexts[cut] if request.contexts is not None else None,
+                        visual_contexts=request.visual_contexts[cut] if request.visual_contexts is not None else None,
+                    )
+                )
+            )
+        return np.concatenate(parts)
+
+    def _candidates_per_request(self, request: PredictRequest) -> int:
+        info = self.info()
+        lim = info.service_limits
+        n, k = len(request.image_ids), len(request.classnames)
+        per = min(lim.max_candidates, lim.max_reply_values // (n * k), lim.max_prompts // k)
+        if request.visual_contexts is not None:
+            per = min(per, lim.max_image_forwards // n)
+        if info.max_body_bytes is not None:
+            fixed = _OVERHEAD + sum(len(i) + 3 for i in request.image_ids) + sum(len(c) + 3 for c in request.classnames)
+            one = sum(a[0].size * 4 * 4 / 3 for a in (request.contexts, request.visual_contexts) if a is not None)
+            per = min(per, math.floor((info.max_body_bytes - fixed) / one) if one else per)
+        if per < 1:
+            raise ValueError(
+                f"one candidate on {n} images x {k} classes exceeds the service's limits "
+                f"(max_reply_values {lim.max_reply_values}, max_images {lim.max_images}); use fewer images"
+            )
+        return per
+
+    def _send(self, request: PredictRequest) -> np.ndarray:
         body: dict[str, Any] = {
             "image_ids": request.image_ids,
             "classnames": request.classnames,
@@ -67,11 +158,20 @@ class HttpBlackBox:
         }
         if request.visual_contexts is not None:
             body["visual_contexts"] = encode_array(request.visual_contexts)
-        return decode_array(self._call("POST", "/predict", json=body)["scores"])
+        out = self._call("POST", "/predict", json=body, headers={"Accept": BINARY})
+        return out if isinstance(out, np.ndarray) else decode_array(out["scores"])
 
     def usage(self) -> Usage:
         u = self._call("GET", "/usage")
-        return Usage(u["used"], u["limit"], images=u["images"])
+        return Usage(
+            u["used"],
+            u["limit"],
+            u["images"],
+            u.get("work", 0),
+            u.get("work_limit"),
+            u.get("image_quota"),
+            u.get("uploaded", 0),
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -2,8 +2,12 @@
 
 The server side of the boundary (it may use a backbone; black-box methods may not import this module's
 dependencies). Images are encoded once at upload and kept by content hash, so a query costs only text-tower
-work; candidates of a request are batched through the text tower together. Every forward for a request is
-charged to the ``QueryBudget`` first; outputs are detached numpy arrays.
+work; candidates of a request are batched through the text tower together. A request is validated in full
+(``PredictRequest.validate``: shapes, values, limits of work and reply size), then charged, then computed; a
+request whose computation fails or gives non-finite scores is refunded. Outputs are detached numpy arrays.
+
+Each box is one namespace: the HTTP service gives every API key its own box (``fork``), so a key sees, scores
+and counts only its own uploads, and nothing about another key's (not even through upload timing).
 
 With ``visual_prompts=True`` (ViT backbones) the preprocessed pixels are kept as well, and a request may carry
 visual prompt tokens: then every image is encoded again under every candidate's tokens (C x N image forwards,
@@ -15,13 +19,40 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.blackbox.api import ModelInfo, PredictRequest, QueryBudget, Usage, image_bytes
+from vlmtune.blackbox.api import (
+    BudgetExceeded,
+    ModelInfo,
+    PredictRequest,
+    QueryBudget,
+    ServiceLimits,
+    UnknownImages,
+    Usage,
+    image_bytes,
+)
+
+
+def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
+    """An uploaded file as an RGB image: only ``limits.image_formats`` are tried, and the size is read from the
+    header and checked before any pixel is decoded. Anything else raises ``ValueError`` (no internals echoed)."""
+    if len(data) > limits.max_image_bytes:
+        raise ValueError(f"file of {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    try:
+        with Image.open(io.BytesIO(data), formats=list(limits.image_formats)) as im:
+            w, h = im.size
+            if w * h > limits.max_pixels:
+                raise ValueError(f"image of {w} x {h} pixels; the limit is {limits.max_pixels} pixels")
+            return im.convert("RGB")
+    except ValueError:
+        raise
+    except Exception:  # Pillow raises many types for bad or truncated files
+        raise ValueError(f"not a readable {', '.join(limits.image_formats)} file") from None
 
 
 class LocalBlackBox:
@@ -29,12 +60,14 @@ class LocalBlackBox:
 
     Args:
         backbone: the served model.
-        budget: query budget (``None`` = unlimited).
+        budget: query (and optional work) budget (``None`` = unlimited).
         name: public model name (defaults to the backbone spec).
         candidate_batch: how many candidate contexts go through the text tower at once.
         visual_prompts: accept visual prompt tokens (keeps the preprocessed pixels of every upload in memory:
             about 0.6 MB an image at 224 px). Needs a ViT image tower.
-        image_batch: images per image-tower forward when visual prompts are scored.
+        image_batch: images per image-tower forward (uploads, and visual prompts).
+        limits: what one request may ask (validated before anything is charged).
+        image_quota: the most images this box holds (None = no limit).
     """
 
     def __init__(
@@ -45,72 +78,111 @@ class LocalBlackBox:
         candidate_batch: int = 64,
         visual_prompts: bool = False,
         image_batch: int = 512,
+        limits: ServiceLimits | None = None,
+        image_quota: int | None = None,
     ) -> None:
         self._backbone = backbone
         self.budget = budget or QueryBudget(None)
+        self.limits = limits or ServiceLimits()
+        self.image_quota = image_quota
         self._features: dict[str, torch.Tensor] = {}
         self._pixels: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # this box's stores
+        self._compute = threading.Lock()  # model work (shared by forks: one backbone, hooks on its modules)
         visual_width = backbone.visual_width if visual_prompts else None
         if visual_prompts and visual_width is None:
             raise ValueError(f"{backbone.spec}: visual prompts need a ViT image tower")
         self._info = ModelInfo(
-            name or backbone.spec, backbone.token_width, max_context=16, visual_width=visual_width, max_visual=16
+            name or backbone.spec,
+            backbone.token_width,
+            max_context=16,
+            visual_width=visual_width,
+            max_visual=16,
+            limits=self.limits.to_json(),
         )
         self.candidate_batch, self.image_batch = candidate_batch, image_batch
         self.forwards = 0  # text-tower batches run (for tests and benchmarks)
         self.image_forwards = 0  # image-tower batches run for visual prompts
 
+    def fork(self, budget: QueryBudget, image_quota: int | None = None) -> LocalBlackBox:
+        """A box over the same model with its own images, budget and quota (one API key's namespace)."""
+        box = object.__new__(LocalBlackBox)
+        box.__dict__.update(self.__dict__)
+        box.budget, box.image_quota = budget, image_quota
+        box._features, box._pixels, box._lock = {}, {}, threading.Lock()
+        box.forwards = box.image_forwards = 0
+        return box
+
+    def with_body_limit(self, max_body_bytes: int) -> None:
+        """Tell clients the largest request body the service in front of this box accepts."""
+        self._info = replace(self._info, max_body_bytes=max_body_bytes)
+
     def info(self) -> ModelInfo:
         return self._info
 
     def upload(self, images: list[bytes]) -> list[str]:
-        ids, todo = [], []
-        for data in images:
+        """Encoded PNG/JPEG/WebP files -> content ids. All are checked and decoded before any is encoded or kept."""
+        if len(images) > self.limits.max_upload_images:
+            raise ValueError(f"{len(images)} images in one upload; the limit is {self.limits.max_upload_images}")
+        ids, todo = [], {}
+        for i, data in enumerate(images):
             image_id = hashlib.sha256(data).hexdigest()[:24]
             ids.append(image_id)
-            if image_id not in self._features:
-                todo.append((image_id, data))
-        if todo:
-            try:
-                batch = torch.stack(
-                    [self._backbone.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for _, d in todo]
-                )
-            except Exception as exc:  # any undecodable upload is the client's error
-                raise ValueError(f"cannot decode uploaded image: {exc}") from exc
-            with torch.no_grad():
+            if image_id not in self._features and image_id not in todo:
+                try:
+                    todo[image_id] = decode_upload(data, self.limits)
+                except ValueError as exc:
+                    raise ValueError(f"image {i}: {exc}") from None
+        if self.image_quota is not None and len(self._features) + len(todo) > self.image_quota:
+            raise BudgetExceeded(len(todo), len(self._features), self.image_quota, "image")
+        new = list(todo.items())
+        for start in range(0, len(new), self.image_batch):
+            chunk = new[start : start + self.image_batch]
+            batch = torch.stack([self._backbone.preprocess(im) for _, im in chunk])  # (B, 3, H, W)
+            with self._compute, torch.no_grad():
                 feats = self._backbone.encode_images(batch).float().cpu()  # (B, D)
             with self._lock:
-                for (image_id, _), f, px in zip(todo, feats, batch, strict=True):
+                for (image_id, _), f, px in zip(chunk, feats, batch, strict=True):
                     self._features[image_id] = f
                     if self._info.visual_width is not None:
                         self._pixels[image_id] = px
+            self.budget.record_uploads(len(chunk))
         return ids
 
     def upload_images(self, images: list[Image.Image]) -> list[str]:
         return self.upload([image_bytes(im) for im in images])
 
     def usage(self) -> Usage:
-        return Usage(self.budget.used, self.budget.limit, images=len(self._features))
+        b = self.budget
+        return Usage(b.used, b.limit, len(self._features), b.work_used, b.work_limit, self.image_quota, b.uploads)
 
-    def has_images(self, ids: list[str]) -> list[str]:
-        """The ids of ``ids`` that were never uploaded."""
-        return [i for i in ids if i not in self._features]
+    def missing(self, ids: list[str]) -> int:
+        """How many of ``ids`` were never uploaded to this box."""
+        return sum(i not in self._features for i in ids)
 
-    def predict(self, request: PredictRequest, budget: QueryBudget | None = None) -> np.ndarray:
-        """Scores (C, N, K); ``budget`` (default: the box's own) is charged C queries before any model work."""
+    def predict(self, request: PredictRequest) -> np.ndarray:
+        """Scores (C, N, K). Validated in full, then C queries (and C x N x K work) are charged, then computed;
+        a failure or a non-finite result is refunded."""
         request.validate(self._info)
-        missing = self.has_images(request.image_ids)
+        missing = self.missing(request.image_ids)
         if missing:
-            raise KeyError(f"unknown image ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        prompts = self._prompt_embeddings(request)  # validates context length too
-        (budget or self.budget).charge(request.n_candidates)  # atomic: over budget raises before any model work
-        images = torch.stack([self._features[i] for i in request.image_ids])  # (N, D)
-        visual = None
-        if request.visual_contexts is not None:
-            pixels = torch.stack([self._pixels[i] for i in request.image_ids])  # (N, 3, H, W)
-            visual = (pixels, torch.as_tensor(np.asarray(request.visual_contexts, dtype=np.float32)))
-        return self._scores(images, *prompts, visual).float().numpy()
+            raise UnknownImages.count(missing, len(request.image_ids))
+        prompts = self._prompt_embeddings(request)  # validates the context length and each prompt's fit
+        self.budget.charge(request.n_candidates, request.n_values)  # atomic: over budget raises, nothing done
+        try:
+            images = torch.stack([self._features[i] for i in request.image_ids])  # (N, D)
+            visual = None
+            if request.visual_contexts is not None:
+                pixels = torch.stack([self._pixels[i] for i in request.image_ids])  # (N, 3, H, W)
+                visual = (pixels, torch.as_tensor(np.asarray(request.visual_contexts, dtype=np.float32)))
+            with self._compute:
+                scores = self._scores(images, *prompts, visual).float().numpy()
+            if not np.isfinite(scores).all():
+                raise ValueError("the contexts overflow the model (non-finite scores); nothing was charged")
+        except BaseException:
+            self.budget.refund(request.n_candidates, request.n_values)
+            raise
+        return scores
 
     # ---- text side --------------------------------------------------------------------------------------
     def _prompt_embeddings(
@@ -119,6 +191,10 @@ class LocalBlackBox:
         bb = self._backbone
         tokens = bb.tokenize([request.template.format(c) for c in request.classnames])  # (K, L)
         eot = bb.eot_index(tokens)  # (K,)
+        full = (tokens[torch.arange(len(tokens)), eot] != bb.eot_token_id) | (eot >= tokens.shape[1] - 1)
+        if bool(full.any()):  # tokenizers truncate silently: a prompt that reaches the last position was cut
+            first = int(full.nonzero()[0, 0])
+            raise ValueError(f"the prompt of classnames[{first}] does not fit the model's {tokens.shape[1]} tokens")
         tokens = tokens[:, : int(eot.max()) + 1]
         prefix = request.template.split("{}")[0].strip()
         n_prefix = int(bb.eot_index(bb.tokenize([prefix]))[0]) - 1 if prefix else 0  # words before the class name

@@ -1,34 +1,37 @@
 """``vlmtune serve``: the reference black box, an HTTP service that exposes only predictions.
 
-- API keys (``Authorization: Bearer <key>`` or ``X-API-Key``), each with its own hard query budget;
-- ``POST /v1/images`` uploads images once (the server keeps their features), ``POST /v1/predict`` scores them
-  against class prompts with optional prompt contexts, ``GET /v1/usage`` and ``GET /v1/info``; OpenAPI docs at
-  ``/docs``;
-- every input is validated: bad shapes, dtypes, NaN/inf, unknown image ids, oversized bodies get 4xx and the
-  server keeps serving; an over-budget request gets 429 and costs no model work.
-- binds 127.0.0.1 by default.
+- API keys (``Authorization: Bearer <key>`` or ``X-API-Key``), each with its own namespace of uploads, hard query
+  (and optional work) budget and image quota; usage persists in SQLite (``accounts.UsageStore``);
+- ``POST /v1/images`` uploads PNG/JPEG/WebP images once (the server keeps their features), ``POST /v1/predict``
+  scores them against class prompts with optional prompt contexts (JSON, or raw float32 with
+  ``Accept: application/octet-stream``), ``GET /v1/usage`` and ``GET /v1/info``; offline docs at ``/docs``;
+- every request is validated in full before anything is charged (shapes, values, work and reply size), a
+  request that fails after its charge is refunded, and errors never echo the input;
+- bounded: body size, body read time, time to send the request head, concurrent connections, one model
+  computation at a time; binds 127.0.0.1 by default.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import hmac
-import json
+import html
 import logging
-import secrets
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from vlmtune.blackbox.api import BudgetExceeded, PredictRequest, QueryBudget
+from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_id
+from vlmtune.blackbox.api import BudgetExceeded, PredictRequest, QueryBudget, UnknownImages
 from vlmtune.blackbox.local import LocalBlackBox
-from vlmtune.blackbox.wire import API_PREFIX, decode_array, decode_image, encode_array
+from vlmtune.blackbox.wire import API_PREFIX, BINARY, MAX_ARRAY_BYTES, decode_array, decode_image, encode_array
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 32 * 2**20
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ArrayIn(BaseModel):
@@ -38,13 +41,13 @@ class ArrayIn(BaseModel):
 
 
 class ImagesIn(BaseModel):
-    images: list[str] = Field(min_length=1, max_length=1024, description="base64-encoded PNG/JPEG files")
+    images: list[str] = Field(min_length=1, max_length=1024, description="base64-encoded PNG/JPEG/WebP files")
 
 
 class PredictIn(BaseModel):
     image_ids: list[str] = Field(min_length=1, max_length=100_000)
-    classnames: list[str] = Field(min_length=1, max_length=10_000)
-    template: str = Field(default="a photo of a {}.", max_length=500)
+    classnames: list[str] = Field(min_length=1, max_length=100_000)
+    template: str = Field(default="a photo of a {}.", max_length=1000)
     contexts: ArrayIn | None = Field(default=None, description="(C, n_ctx, d_tok) float32 prompt contexts")
     mode: Literal["add", "replace"] = "add"
     visual_contexts: ArrayIn | None = Field(
@@ -53,10 +56,11 @@ class PredictIn(BaseModel):
 
 
 class BodyLimit:
-    """ASGI middleware: requests whose body exceeds ``max_bytes`` get 413 before they are parsed."""
+    """ASGI middleware: bodies over ``max_bytes`` get 413 before they are parsed; a body that does not arrive
+    within ``timeout`` seconds gets 408 (half-sent requests do not hold the server)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -65,10 +69,15 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await JSONResponse({"detail": "request body too large"}, status_code=413)(scope, receive, send)
         seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
 
         async def limited() -> dict:
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise HTTPException(408, "request body not received in time") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise HTTPException(413, "request body too large")
@@ -77,62 +86,176 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def create_app(box: LocalBlackBox, budgets: dict[str, QueryBudget], max_body_bytes: int = DEFAULT_MAX_BODY) -> Any:
-    """The FastAPI app serving ``box`` to the holders of ``budgets``' keys."""
-    if not budgets:
-        raise ValueError("the service needs at least one API key")
-    app = FastAPI(title="vlmtune black-box VLM", version="1", description=__doc__)
+def _docs_page(schema: dict[str, Any]) -> str:
+    """A self-contained HTML page of the API from its OpenAPI schema (no JavaScript, nothing from a CDN)."""
+    rows = []
+    for path, ops in schema.get("paths", {}).items():
+        for verb, op in ops.items():
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            name = body.get("$ref", "").rsplit("/", 1)[-1]
+            rows.append(
+                f"<tr><td><code>{verb.upper()} {html.escape(path)}</code></td>"
+                f"<td>{html.escape(op.get('summary', ''))}</td><td>{html.escape(name)}</td></tr>"
+            )
+    models = []
+    for name, model in schema.get("components", {}).get("schemas", {}).items():
+        kinds = {
+            k: str(v.get("type", v.get("$ref", "object"))).rsplit("/", 1)[-1]
+            for k, v in model.get("properties", {}).items()
+        }
+        props = ", ".join(f"<code>{html.escape(k)}</code>: {html.escape(t)}" for k, t in kinds.items())
+        models.append(f"<li><b>{html.escape(name)}</b>: {props}</li>")
+    info = schema.get("info", {})
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(info.get('title', ''))}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:.2em .8em}</style></head>"
+        f"<body><h1>{html.escape(info.get('title', ''))}</h1><pre>{html.escape(info.get('description', ''))}</pre>"
+        "<table><tr><th>endpoint</th><th>what</th><th>body</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Bodies</h2><ul>" + "".join(models) + "</ul><p>Machine-readable: <a href='/openapi.json'>"
+        "/openapi.json</a></p></body></html>"
+    )
 
-    def api_key(authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)) -> str:
-        given = x_api_key or (authorization.removeprefix("Bearer ").strip() if authorization else "")
-        for key in budgets:
-            if given and hmac.compare_digest(given.encode(), key.encode()):
-                return key
-        raise HTTPException(401, "missing or unknown API key")
+
+def create_app(
+    box: LocalBlackBox,
+    keys: dict[str, KeySpec | QueryBudget],
+    store: UsageStore | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    body_timeout: float = 30.0,
+) -> Any:
+    """The FastAPI app serving ``box`` to the holders of ``keys``.
+
+    Each key gets its own namespace (``box.fork``): its uploads, its budget (a ``QueryBudget`` given directly, or
+    the account of its ``KeySpec`` in ``store``, in memory without a store) and its image quota.
+    """
+    if not keys:
+        raise ValueError("the service needs at least one API key")
+    box.with_body_limit(max_body_bytes)
+    boxes: dict[str, LocalBlackBox] = {}
+    for key, spec in keys.items():
+        if isinstance(spec, QueryBudget):
+            budget, quota = spec, None
+        else:
+            budget = store.account(key, spec) if store is not None else QueryBudget(spec.queries, work_limit=spec.work)
+            quota = spec.images
+        boxes[key_id(key)] = box.fork(budget, quota)
+    app = FastAPI(title="vlmtune black-box VLM", version="1", description=__doc__, docs_url=None, redoc_url=None)
+    app.state.boxes = boxes  # key hash -> that key's box (for operators and tests)
+
+    def key_box(
+        authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)
+    ) -> LocalBlackBox:
+        given = x_api_key
+        if given is None and authorization is not None:
+            scheme, _, value = authorization.partition(" ")
+            given = value.strip() if scheme.lower() == "bearer" else None
+        found = boxes.get(key_id(given)) if given else None  # hash first: the lookup reveals nothing of a key
+        if found is None:
+            raise HTTPException(401, "missing or unknown API key (send 'Authorization: Bearer <key>')")
+        return found
 
     @app.exception_handler(BudgetExceeded)
     async def _budget(_: Request, exc: BudgetExceeded) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "used": exc.used, "limit": exc.limit}, status_code=429)
+        body = {"detail": str(exc), "what": exc.what, "used": exc.used, "limit": exc.limit}
+        return JSONResponse(body, status_code=429)
 
     @app.exception_handler(ValueError)
     async def _bad(_: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": str(exc)[:500]}, status_code=400)
 
-    @app.exception_handler(KeyError)
-    async def _missing(_: Request, exc: KeyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
+    @app.exception_handler(UnknownImages)
+    async def _missing(_: Request, exc: UnknownImages) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
 
-    @app.get(f"{API_PREFIX}/info")
-    def info(key: str = Depends(api_key)) -> dict[str, Any]:
-        return dataclasses.asdict(box.info())
+    @app.exception_handler(RequestValidationError)
+    async def _schema(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())][:4], "msg": str(e.get("msg", ""))[:200]} for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors[:10]}, status_code=422)  # never the input itself
 
-    @app.post(f"{API_PREFIX}/images")
-    def upload(body: ImagesIn, key: str = Depends(api_key)) -> dict[str, Any]:
-        return {"ids": box.upload([decode_image(b) for b in body.images])}
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    @app.post(f"{API_PREFIX}/predict")
-    def predict(body: PredictIn, key: str = Depends(api_key)) -> dict[str, Any]:
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(_docs_page(app.openapi()))
+
+    @app.get(f"{API_PREFIX}/info", summary="the served model's public name, widths and request limits")
+    def info(kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
+        return dataclasses.asdict(kbox.info())
+
+    @app.post(f"{API_PREFIX}/images", summary="upload images (PNG/JPEG/WebP) -> content ids for this key")
+    def upload(body: ImagesIn, kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
+        return {"ids": kbox.upload([decode_image(b) for b in body.images])}
+
+    @app.post(f"{API_PREFIX}/predict", summary="scores (C, N, K) of uploaded images against class prompts")
+    def predict(body: PredictIn, request: Request, kbox: LocalBlackBox = Depends(key_box)) -> Any:
         arrays = (body.contexts, body.visual_contexts)
         contexts, visual = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
-        request = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual)
-        scores = box.predict(request, budgets[key])
-        return {"scores": encode_array(scores), "used": budgets[key].used, "limit": budgets[key].limit}
+        req = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual)
+        binary = BINARY in request.headers.get("accept", "")
+        req.validate(kbox.info())
+        if not binary and 4 * req.n_values > MAX_ARRAY_BYTES:  # refused before any charge
+            raise HTTPException(413, f"a JSON reply holds at most {MAX_ARRAY_BYTES // 4} scores: ask for {BINARY}")
+        scores = kbox.predict(req)
+        used, limit = kbox.budget.used, kbox.budget.limit
+        if binary:
+            headers = {"X-Shape": ",".join(map(str, scores.shape)), "X-Used": str(used), "X-Limit": str(limit)}
+            return Response(scores.astype("<f4").tobytes(), media_type=BINARY, headers=headers)
+        return {"scores": encode_array(scores), "used": used, "limit": limit}
 
-    @app.get(f"{API_PREFIX}/usage")
-    def usage(key: str = Depends(api_key)) -> dict[str, Any]:
-        b = budgets[key]
-        return {"used": b.used, "limit": b.limit, "images": box.usage().images}
+    @app.get(f"{API_PREFIX}/usage", summary="this key's queries, work, images held and uploaded")
+    def usage(kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
+        u = kbox.usage()
+        return {
+            "used": u.used,
+            "limit": u.limit,
+            "work": u.work,
+            "work_limit": u.work_limit,
+            "images": u.images,
+            "image_quota": u.image_quota,
+            "uploaded": u.uploaded,
+        }
 
-    return BodyLimit(app, max_body_bytes)
+    return BodyLimit(app, max_body_bytes, body_timeout)
 
 
-def load_keys(path: str | Path | None, default_budget: int | None) -> dict[str, QueryBudget]:
-    """``{"key": budget or null, ...}`` from a JSON file, or one fresh random key with ``default_budget``."""
-    if path is None:
-        key = secrets.token_urlsafe(24)
-        log.warning("no --keys file: generated API key %s (budget %s)", key, default_budget)
-        return {key: QueryBudget(default_budget)}
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a JSON object of key -> budget")
-    return {str(k): QueryBudget(None if v is None else int(v)) for k, v in data.items()}
+def server_config(
+    app: Any,
+    host: str,
+    port: int,
+    header_timeout: float = 10.0,
+    max_connections: int = 128,
+    log_level: str = "warning",
+) -> Any:
+    """A uvicorn config that drops connections which do not send a request head within ``header_timeout``
+    seconds and answers 503 beyond ``max_connections`` (uvicorn alone waits forever for a half-sent head)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(header_timeout, self._drop_if_no_request)
+
+        def _drop_if_no_request(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    if host not in LOOPBACK:
+        log.warning(
+            "serving on %s: reachable from the network, without TLS; put a TLS proxy in front and keep keys secret",
+            host,
+        )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=TimedH11Protocol,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+        log_level=log_level,
+    )

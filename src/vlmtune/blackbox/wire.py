@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 API_PREFIX = "/v1"
-MAX_ARRAY_BYTES = 64 * 2**20
+MAX_ARRAY_BYTES = 64 * 2**20  # JSON arrays (base64); larger replies travel as raw float32 (BINARY)
+BINARY = "application/octet-stream"
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -42,3 +43,14 @@ def decode_image(text: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"image is not valid base64: {exc}") from exc
+
+
+def decode_binary(data: bytes, shape_header: str) -> np.ndarray:
+    """A raw little-endian float32 reply with its ``X-Shape`` header ("C,N,K") -> array; checks the byte count."""
+    try:
+        shape = [int(d) for d in shape_header.split(",")]
+    except ValueError:
+        raise ValueError(f"bad X-Shape header {shape_header!r}") from None
+    if len(data) != 4 * int(np.prod(shape)):
+        raise ValueError(f"reply has {len(data)} bytes, shape {shape} needs {4 * int(np.prod(shape))}")
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)

@@ -37,6 +37,7 @@ class DatasetSplit:
         ids: stable sample identifiers (relative paths, or indices for generated data).
         labels: (N,) int64 labels.
         loader: index into ``ids`` -> RGB PIL image.
+        paths: the image files, for splits backed by files (uploads send the original bytes), else None.
     """
 
     dataset: str
@@ -46,6 +47,7 @@ class DatasetSplit:
     ids: list[str]
     labels: np.ndarray
     loader: Callable[[int], Image.Image] = field(repr=False, compare=False)
+    paths: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     _parent: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -57,6 +59,12 @@ class DatasetSplit:
 
     def image(self, i: int) -> Image.Image:
         return self.loader(self._parent[i] if self._parent is not None else i)
+
+    def file_path(self, i: int) -> str | None:
+        """The file of sample ``i`` (None for generated data)."""
+        if self.paths is None:
+            return None
+        return self.paths[self._parent[i] if self._parent is not None else i]
 
     def subset(self, indices: Sequence[int], split: str | None = None) -> DatasetSplit:
         """The samples at ``indices`` (same classes), e.g. a few-shot pick."""
@@ -105,6 +113,7 @@ def files_split(
         [rel for rel, _ in items],
         np.array([y for _, y in items], dtype=np.int64),
         load,
+        tuple(paths),
     )
     return drop_corrupt(split_obj) if skip_corrupt else split_obj
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 # CoOp's CUSTOM_TEMPLATES (single template per dataset).
@@ -40,3 +42,13 @@ def templates_for(dataset: str) -> list[str]:
 def clean_classname(name: str) -> str:
     """CoOp's class-name fix: underscores to spaces."""
     return name.replace("_", " ").strip()
+
+
+def check_template(template: str) -> None:
+    """A template has exactly one plain ``{}`` (no field names, conversions or format specs), else ValueError."""
+    try:
+        fields = [f for f in string.Formatter().parse(template) if f[1] is not None]
+    except ValueError as exc:
+        raise ValueError(f"template is not a valid format string ({exc}); use one '{{}}' for the class name") from None
+    if len(fields) != 1 or fields[0][1] != "" or fields[0][2] or fields[0][3]:
+        raise ValueError("template must contain exactly one '{}' (no names, conversions or format specs in braces)")

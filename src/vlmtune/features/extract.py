@@ -64,7 +64,7 @@ def extract_features(
     """Encode every image of ``split`` (or read the cache). Labels come from the split, never from the cache."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
     key = feature_key(backbone, split, patches)
-    hit = cache.get(key) if cache is not None else None
+    hit = cache.get(key, len(split), backbone.embed_dim) if cache is not None else None
     if hit is not None:
         log.info("features of %s/%s from cache", split.dataset, split.split)
         return FeatureSet(hit["features"], labels, hit.get("patches"))

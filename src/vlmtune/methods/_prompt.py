@@ -9,15 +9,54 @@ image-conditioned and TMM's class-aware prompts are the last case, batched over 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.methods.base import TrainingHooks
+
+log = logging.getLogger(__name__)
+Position = Literal["end", "middle", "front"]
+
+# Per-element RMS of CLIP's token embeddings (rows have a norm of about 0.55 at width 512). The papers' step sizes
+# and init scales belong to this scale; a backbone within 4x of it uses them exactly (token_scale = 1).
+CLIP_TOKEN_RMS = 0.024
+TOKEN_SCALE_BAND = 4.0
+TOKEN_SCALE_DOC = "context scale vs CLIP's token embeddings; none = measured (1 within 4x of CLIP's)"
+_PROBE_TEXT = "a photo of a dog, a cat, a car and a small red flower on the table."
+
+
+def token_scale(backbone: Backbone, given: float | None = None) -> float:
+    """How much larger the backbone's token embeddings are than CLIP's (1.0 for CLIP-like scales).
+
+    Prompt learners keep their context in CLIP's units and place ``token_scale * ctx`` in the prompt, so the
+    papers' learning rates and init scales act the same on a backbone whose embeddings are, say, 20x larger
+    (a user's own dual encoder with a default ``nn.Embedding``), and are exactly the papers' on CLIP.
+    """
+    if given is not None:
+        return float(given)
+    tokens = backbone.tokenize([_PROBE_TEXT])
+    eot = int(backbone.eot_index(tokens)[0])
+    with torch.no_grad():
+        words = backbone.embed_tokens(tokens)[0, 1:eot].float()  # (T, W), without start and end tokens
+    ratio = float(words.pow(2).mean().sqrt()) / CLIP_TOKEN_RMS
+    if 1 / TOKEN_SCALE_BAND <= ratio <= TOKEN_SCALE_BAND:
+        return 1.0
+    log.warning(
+        "%s: token embeddings are %.3gx CLIP's scale; prompt contexts, their init and step sizes are scaled to "
+        "match (set token_scale=1 to use the papers' values unchanged)",
+        backbone.spec,
+        ratio,
+    )
+    return ratio
+
 
 # CoOp's schedule: epochs by shots (50 for 1 shot, 100 for 2-4, 200 for 8-16)
 COOP_EPOCHS = ((8, 200), (2, 100), (1, 50))
@@ -36,12 +75,15 @@ class PromptAssembler:
         n_ctx: number of context vectors.
         position: ``"end"`` (context, then the class name), ``"middle"`` (half the context on each side of the
             name) or ``"front"`` (the name, then the context), as CoOp's class-token position.
+        scale: contexts are in CLIP's token-embedding units; ``scale * ctx`` enters the prompt (``token_scale``).
     """
 
-    def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int, position: str = "end") -> None:
+    def __init__(
+        self, backbone: Backbone, classnames: Sequence[str], n_ctx: int, position: str = "end", scale: float = 1.0
+    ) -> None:
         if position not in ("end", "middle", "front"):
             raise ValueError(f"class token position must be end, middle or front, not {position!r}")
-        self.backbone, self.n_ctx, self.position = backbone, n_ctx, position
+        self.backbone, self.n_ctx, self.position, self.scale = backbone, n_ctx, position, float(scale)
         tokens = backbone.tokenize([f"{name}." for name in classnames])  # (K, L): SOT name . EOT pad
         eot = backbone.eot_index(tokens)
         longest = int(eot.max()) + 1 + n_ctx
@@ -81,6 +123,7 @@ class PromptAssembler:
     def embeds(self, ctx: torch.Tensor) -> torch.Tensor:
         """Context (n, W) | (K, n, W) | (..., K, n, W) -> prompt embeddings (..., K, L', W)."""
         k, length, width = self.base.shape
+        ctx = ctx * self.scale if self.scale != 1.0 else ctx  # CLIP units -> the backbone's token scale
         if ctx.dim() == 2:
             ctx = ctx.expand(k, -1, -1)  # (K, n, W)
         lead = ctx.shape[:-3]
@@ -98,9 +141,16 @@ class PromptAssembler:
 
 
 def init_context(
-    backbone: Backbone, n_ctx: int, init: str | None, generator: torch.Generator, classes: int = 0, std: float = 0.02
+    backbone: Backbone,
+    n_ctx: int,
+    init: str | None,
+    generator: torch.Generator,
+    classes: int = 0,
+    std: float = 0.02,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """CoOp's context init: the embeddings of ``init`` words (e.g. "a photo of a"), else N(0, std).
+    """CoOp's context init: the embeddings of ``init`` words (e.g. "a photo of a"), else N(0, std), in CLIP's
+    token units (the words' embeddings divided by ``scale``, see ``token_scale``).
 
     Returns (n_ctx, W), or (classes, n_ctx, W) class-specific context when ``classes`` > 0.
     """
@@ -111,7 +161,7 @@ def init_context(
         if n_words != n_ctx:
             raise ValueError(f"ctx_init {init!r} has {n_words} tokens; n_ctx is {n_ctx}")
         with torch.no_grad():
-            words = backbone.embed_tokens(tokens)[0, 1 : 1 + n_ctx].float().cpu()  # (n_ctx, W)
+            words = backbone.embed_tokens(tokens)[0, 1 : 1 + n_ctx].float().cpu() / scale  # (n_ctx, W)
         return words.expand(shape).clone()
     return torch.randn(shape, generator=generator) * std
 
@@ -135,8 +185,10 @@ def train_sgd_cosine(
     n: int,
     schedule: Schedule,
     generator: torch.Generator,
+    hooks: TrainingHooks | None = None,
 ) -> None:
-    """Minimise ``loss_fn(batch_index)`` over shuffled mini-batches of range(n) with ``schedule``."""
+    """Minimise ``loss_fn(batch_index)`` over shuffled mini-batches of range(n) with ``schedule``; each epoch's
+    mean loss goes to ``hooks.step`` (progress bar, training log)."""
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     for epoch in range(schedule.epochs):
         if epoch < schedule.warmup_epochs:
@@ -146,11 +198,15 @@ def train_sgd_cosine(
         for group in opt.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=generator)
+        total, batches = 0.0, 0
         for start in range(0, n, schedule.batch_size):
             loss = loss_fn(order[start : start + schedule.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        if hooks is not None:
+            hooks.step(epoch + 1, schedule.epochs, "epoch", loss=total / max(1, batches), lr=lr)
 
 
 def cosine_logits(scale: float, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

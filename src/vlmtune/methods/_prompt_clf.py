@@ -18,8 +18,15 @@ from torch import nn
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
 from vlmtune.features.extract import FeatureSet
-from vlmtune.methods._prompt import PromptAssembler, Schedule, coop_epochs, init_context, train_sgd_cosine
-from vlmtune.methods.base import Classifier, Method, Task
+from vlmtune.methods._prompt import (
+    PromptAssembler,
+    Schedule,
+    coop_epochs,
+    init_context,
+    token_scale,
+    train_sgd_cosine,
+)
+from vlmtune.methods.base import Classifier, Method, Task, TrainingHooks
 
 
 class PromptClassifier(Classifier):
@@ -51,7 +58,10 @@ class PromptClassifier(Classifier):
         if self._backbone is backbone:
             return self  # already wired: keep the assembler and the cached text features
         self._backbone = backbone
-        self._assembler = PromptAssembler(backbone, self.classnames, self.settings["n_ctx"], self.settings["position"])
+        scale = self.settings.get("token_scale", 1.0)
+        self._assembler = PromptAssembler(
+            backbone, self.classnames, self.settings["n_ctx"], self.settings["position"], scale
+        )
         self.to(backbone.device)
         return self
 
@@ -129,16 +139,18 @@ def fit_prompt_classifier(
     ctx_init: str | None,
     schedule: Schedule,
     generator: torch.Generator,
+    hooks: TrainingHooks | None = None,
 ) -> PromptClassifier:
     """Initialise ``cls`` (context by CoOp's rule, head by torch's default init from ``generator``) and train it
-    with cross-entropy on the task's training features under ``schedule``; the backbone stays frozen."""
+    with cross-entropy on the task's training features under ``schedule``; the backbone stays frozen.
+    ``settings["token_scale"]`` (see ``token_scale``) puts the context in CLIP's units."""
     train = task.train
     if not isinstance(train, FeatureSet) or len(train) == 0:
         raise ValueError(f"{cls.method} needs labelled training features")
     if cls.needs_patches and train.patches is None:
         raise ValueError(f"{cls.method} needs patch features of the training images")
     classes = len(task.classnames) if settings.get("csc") else 0
-    ctx = init_context(backbone, settings["n_ctx"], ctx_init, generator, classes)
+    ctx = init_context(backbone, settings["n_ctx"], ctx_init, generator, classes, scale=settings["token_scale"])
     settings = {**settings, "scale": backbone.logit_scale}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -153,7 +165,7 @@ def fit_prompt_classifier(
         return F.cross_entropy(clf.forward_logits(feats[idx], p), labels[idx])
 
     with backbone.frozen():
-        train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator)
+        train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator, hooks)
     clf.eval()
     return clf
 
@@ -185,9 +197,9 @@ class PromptMethod(Method):
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> PromptClassifier:
         cfg = self.config
         settings = {"n_ctx": cfg.n_ctx, "position": cfg.position, "embed_dim": handle.embed_dim}
-        settings |= {"width": handle.token_width, **self.extra_settings()}
+        settings |= {"width": handle.token_width, "token_scale": token_scale(handle, cfg.token_scale)}
+        settings |= self.extra_settings()
         cls = self.classifier
         assert issubclass(cls, PromptClassifier)
-        return fit_prompt_classifier(
-            cls, handle, task, settings, cfg.ctx_init, schedule_for(cfg, task, self.paper_batch), generator
-        )
+        schedule = schedule_for(cfg, task, self.paper_batch)
+        return fit_prompt_classifier(cls, handle, task, settings, cfg.ctx_init, schedule, generator, self.hooks)

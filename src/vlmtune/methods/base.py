@@ -6,13 +6,12 @@ hands each method only the access its ``capability`` names.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
-import typing
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,28 +21,45 @@ from torch import nn
 
 from vlmtune.capabilities import Capability
 from vlmtune.errors import UnknownName
+from vlmtune.methods._options import build_config
 
 if TYPE_CHECKING:  # black-box methods import this module: it must not pull in model code at run time
     from vlmtune.backbones.base import Backbone
     from vlmtune.blackbox.api import ImageRefs
     from vlmtune.features.extract import FeatureSet
 
-ProgressFn = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
+StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
 
 
 @dataclass
 class TrainingHooks:
-    """What the runner may hand a long-running method (all optional; methods never write files themselves).
+    """What the runner may hand a long-running method (all optional; methods never write files or print).
 
     Attributes:
         monitor: called with (queries or steps used, snapshot classifier) every ``monitor_every`` units.
         monitor_every: spacing of monitor calls (0 = never).
         journal: an append-only log of the method's past generations, for exact resumption (see ``runs.journal``).
+        on_step: receives training progress (step, total, unit, metrics such as loss): the runner's progress bar,
+            training log and loss plot.
+        notes: what the method wants the user told at the end (e.g. that a hard query limit stopped it early).
     """
 
     monitor: Callable[[int, Classifier], None] | None = None
     monitor_every: int = 0
     journal: Any = None
+    on_step: StepFn | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def step(self, step: int, total: int, unit: str, **metrics: float) -> None:
+        """Report progress: ``step`` of ``total`` ``unit``s done, with metrics (``loss=...``)."""
+        if self.on_step is not None:
+            self.on_step(step, total, unit, {k: float(v) for k, v in metrics.items()})
+
+    def note(self, text: str) -> None:
+        """Tell the user something about this run (logged now, recorded in the results)."""
+        log.warning(text)
+        self.notes.append(text)
 
 
 @dataclass(frozen=True)
@@ -143,13 +159,14 @@ class Method(ABC):
     config_cls: ClassVar[type]
     classifier: ClassVar[type[Classifier]]
     needs_labels: ClassVar[bool] = True
+    needs_train: ClassVar[bool] = True  # False: fits from class names alone (zero-shot)
     needs_patches: ClassVar[bool] = False  # the runner extracts patch features too
     supports_new_classes: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets (``--set preset=NAME``)
 
-    def __init__(self, config: Any = None, progress: ProgressFn | None = None) -> None:
+    def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()
-        self.progress = progress
         self.hooks = TrainingHooks()
 
     def box_options(self) -> dict[str, Any]:
@@ -200,31 +217,7 @@ def list_methods() -> list[type[Method]]:
     return [_METHODS[k] for k in sorted(_METHODS)]
 
 
-def _parse_option(method: str, key: str, text: str, hint: Any) -> Any:
-    """A CLI string as the option's type: kept as text for ``str`` options ("none" -> None where allowed),
-    JSON otherwise (numbers, true/false, lists)."""
-    allowed = typing.get_args(hint) or (hint,)
-    if str in allowed:
-        return None if type(None) in allowed and text.lower() in ("none", "null") else text
-    word = {"none": "null"}.get(text.lower(), text.lower())
-    try:
-        return json.loads(word if word in ("true", "false", "null") else text)
-    except json.JSONDecodeError:
-        raise ValueError(f"option {key} of {method}: cannot read {text!r} as {hint}") from None
-
-
 def make_config(method: type[Method], overrides: dict[str, Any] | None = None) -> Any:
-    """The method's config with ``overrides`` (strings from the CLI are converted to the field's type)."""
-    fields = {f.name: f for f in dataclasses.fields(method.config_cls)}
-    hints = typing.get_type_hints(method.config_cls)
-    values: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise UnknownName(f"option of {method.name}", key, list(fields))
-        default = getattr(method.config_cls(), key)
-        if isinstance(value, str):
-            value = _parse_option(method.name, key, value, hints[key])
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    return method.config_cls(**values)
+    """The method's config with ``overrides`` (CLI strings converted to the field's type, ranges checked;
+    ``preset=NAME`` applies one of ``method.presets`` first)."""
+    return build_config(method.config_cls, method.name, overrides, method.presets)

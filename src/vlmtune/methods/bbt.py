@@ -8,13 +8,22 @@ as CraFT ("we set its hyper-parameters the same as CraFT"); it runs CraFT's trai
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any, ClassVar
 
 import torch
 
 from vlmtune.blackbox.api import BlackBoxVLM
 from vlmtune.methods._blackbox import BlackBoxClassifier
+from vlmtune.methods._options import filter_preset
 from vlmtune.methods.base import Task, register_method
-from vlmtune.methods.craft import BBTConfig, BlackBoxMethod, CollaborativeTrainer, CraftConfig, trainer_run
+from vlmtune.methods.craft import (
+    CRAFT_PRESETS,
+    BBTConfig,
+    BlackBoxMethod,
+    CollaborativeTrainer,
+    CraftConfig,
+    trainer_run,
+)
 
 
 class BBTClassifier(BlackBoxClassifier):
@@ -27,6 +36,9 @@ class BBT(BlackBoxMethod):
 
     config_cls = BBTConfig
     classifier = BBTClassifier
+    presets: ClassVar[dict[str, dict[str, Any]]] = {  # CraFT's, minus the head options (CARROT is CraFT's head)
+        name: filter_preset(p, BBTConfig) for name, p in CRAFT_PRESETS.items() if name != "carrot"
+    }
     summary = "BBT: CMA-ES over a random subspace of the prompt context (black box)"
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:

@@ -9,27 +9,28 @@ and ``batch_size=B`` scales the lr by B (linear scaling rule) unless ``scale_lr=
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.methods._prompt import mlp
+from vlmtune.methods._options import method_config, option
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Position, mlp
 from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
 from vlmtune.methods.base import register_method
 
 
-@dataclass(frozen=True)
+@method_config
 class CoCoOpConfig:
-    n_ctx: int = 4
-    ctx_init: str | None = "a photo of a"
-    position: str = "end"
-    lr: float = 0.002
-    epochs: int | None = 10
-    batch_size: int = 1  # the paper's; any B works here (all B x K prompts of a batch in one text-tower pass)
-    scale_lr: bool = True  # B > 1: lr x B (linear scaling rule), to follow the batch-1 schedule per epoch
+    n_ctx: int = option(4, "context vectors", ge=1)
+    ctx_init: str | None = option("a photo of a", "initial words (n_ctx must equal their token count); none = random")
+    position: Position = option("end", "class token position")
+    lr: float = option(0.002, "SGD learning rate at batch 1 (CLIP's token-embedding scale)", gt=0)
+    epochs: int | None = option(10, "epochs; none = by shots", ge=1)
+    batch_size: int = option(1, "images per step (the paper's 1; all B x K prompts in one text-tower pass)", ge=1)
+    scale_lr: bool = option(True, "batch_size > 1: lr x batch_size (linear scaling rule)")
+    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class CoCoOpClassifier(PromptClassifier):

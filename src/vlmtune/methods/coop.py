@@ -8,23 +8,25 @@ Trained on cached image features (frozen image tower; no augmentation: see docs/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from vlmtune.methods._options import method_config, option
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Position
 from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
 from vlmtune.methods.base import register_method
 
 
-@dataclass(frozen=True)
+@method_config
 class CoOpConfig:
-    n_ctx: int = 16  # CoOp's few-shot default (4 with ctx_init "a photo of a")
-    ctx_init: str | None = None  # e.g. "a photo of a" (then n_ctx must equal its token count)
-    csc: bool = False  # class-specific context
-    position: str = "end"  # class token position: end / middle / front
-    lr: float = 0.002
-    epochs: int | None = None  # None = by shots (50 / 100 / 200)
-    batch_size: int = 32
-    scale_lr: bool = True  # batch_size != 32: lr x batch_size / 32 (linear scaling rule)
+    n_ctx: int = option(16, "context vectors (CoOp's few-shot default; 4 with ctx_init 'a photo of a')", ge=1)
+    ctx_init: str | None = option(None, "initial words, e.g. 'a photo of a' (n_ctx must equal their token count)")
+    csc: bool = option(False, "class-specific context")
+    position: Position = option("end", "class token position")
+    lr: float = option(0.002, "SGD learning rate at batch 32 (CLIP's token-embedding scale)", gt=0)
+    epochs: int | None = option(None, "epochs; none = by shots (50 / 100 / 200)", ge=1)
+    batch_size: int = option(32, "images per step", ge=1)
+    scale_lr: bool = option(True, "batch_size != 32: lr x batch_size / 32 (linear scaling rule)")
+    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class CoOpClassifier(PromptClassifier):

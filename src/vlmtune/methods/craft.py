@@ -14,19 +14,22 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs
+from vlmtune.blackbox.api import BlackBoxVLM, BudgetExceeded, ImageRefs
 from vlmtune.capabilities import Capability
 from vlmtune.methods._blackbox import BlackBoxClassifier, PromptSpace, SubspacePrompt, make_cma, query_scores
+from vlmtune.methods._options import method_config, option
 from vlmtune.methods._refine import RefinementHead
 from vlmtune.methods.base import Method, Task, TrainingHooks, register_method
 
 log = logging.getLogger(__name__)
+Training = Literal["collaborative", "iterative", "sequential"]
 
 
 @dataclass(frozen=True)
@@ -52,39 +55,73 @@ def budget_for_shots(shots: int) -> int:
     return next((b for s, b in BUDGET_BY_SHOTS if shots >= s), 2000)
 
 
-@dataclass(frozen=True)
+REFERENCE_TEMPLATE = "a photo of a {}."  # the reference prompts every dataset this way (context on "a photo of a")
+
+
+@method_config
 class BBTConfig:
-    n_ctx: int = 4  # prompt length (tokens of "a photo of a")
-    subspace: int = 512  # d0
-    popsize: int = 40  # lambda
-    a_std: float = 0.02  # A ~ N(0, std); paper "N(0, 0.02)"; reference code: 0.2 (1.0 on ImageNet)
-    sigma0: float = 0.02  # CMA-ES initial step size (reference code; ImageNet: 1.0)
-    bounds: float | None = 5.0  # box bounds on z (reference code; ImageNet: None)
-    budget: int | None = None  # total queries; None = by shots (8000 / 4000 / 2000)
-    template: str | None = None  # None = the task's first template
-    # "+ vp" (CraFT App. B): visual prompt tokens searched jointly (ViT services; Yu et al. 2023's settings)
-    visual_prompt: bool = False
-    vp_tokens: int = 5  # n_prompt_tokens_V of Yu et al. (2023)
-    vp_subspace: int = 100  # intrinsic_dim_V of Yu et al. (2023)
-    vp_a_std: float | None = None  # None = a_std
+    n_ctx: int = option(4, "prompt length: the tokens of 'a photo of a' that the context is added to", ge=1)
+    subspace: int = option(512, "d0, the dimension CMA-ES searches (Eq. 1)", ge=1)
+    popsize: int = option(40, "lambda, candidates per CMA-ES generation", ge=2)
+    a_std: float = option(0.02, "A ~ N(0, a_std) (paper); the reference code uses 0.2 (1.0 on ImageNet)", gt=0)
+    sigma0: float = option(0.02, "CMA-ES initial step size (reference code; ImageNet: 1.0)", gt=0)
+    bounds: float | None = option(5.0, "box bounds on z (reference code); none = unbounded (ImageNet)", gt=0)
+    budget: int | None = option(None, "total queries; none = by shots (8000 / 4000 / 2000)", ge=1)
+    template: str = option(REFERENCE_TEMPLATE, "prompt template; 'dataset' = the dataset's own first template")
+    visual_prompt: bool = option(False, "also search visual prompt tokens (CraFT App. B, ViT services)")
+    vp_tokens: int = option(5, "visual prompt tokens (n_prompt_tokens_V of Yu et al. 2023)", ge=1)
+    vp_subspace: int = option(100, "dimension of the visual subspace (intrinsic_dim_V of Yu et al. 2023)", ge=1)
+    vp_a_std: float | None = option(None, "std of A_v; none = a_std", gt=0)
 
 
-@dataclass(frozen=True)
+@method_config
 class CraftConfig(BBTConfig):
-    head_layers: int = 3  # paper: 3-layer MLP; reference code: 2
-    head_hidden: int = 512  # paper: 512; reference code: 256 (512 on ImageNet)
-    optimizer: str = "adamw"  # paper: AdamW; reference code: "adam"
-    lr: float = 1e-3
-    batch_size: int = 256
-    lambda_i: float | None = None  # None = 0.1 / K (paper)
-    lambda_o: float | None = None  # None = 0.1 / K (paper)
-    kl_direction: str = "paper"  # "paper": KL(Y_I||Y_O) in L_I, KL(Y_O||Y_I) in L_O; "reversed" swaps them
-    # ablation switches (paper Tables 3, 4, 7)
-    use_prompt: bool = True  # False = PR only
-    use_head: bool = True  # False = PG only
-    collaborative: bool = True  # False = PG to the end, then PR, no consistency terms
-    residual: bool = True  # False = Y_O = R(Y_I)
-    head: str = "mlp"  # "mlp" or "linear"
+    head_layers: int = option(3, "refinement MLP layers (paper 3; reference code 2)", ge=1)
+    head_hidden: int = option(512, "refinement MLP width (paper 512; reference code 256, 512 on ImageNet)", ge=1)
+    optimizer: Literal["adamw", "adam"] = option("adamw", "head optimiser (paper AdamW; reference code Adam)")
+    lr: float = option(1e-3, "head learning rate", gt=0)
+    batch_size: int = option(256, "head batch size", ge=1)
+    lambda_i: float | None = option(None, "weight of KL in L_I (Eq. 5); none = 0.1 / K (CraFT); CARROT: 1", ge=0)
+    lambda_o: float | None = option(None, "weight of KL in L_O (Eq. 6); none = 0.1 / K", ge=0)
+    kl_direction: Literal["paper", "reversed"] = option("paper", "reversed swaps the KL arguments (reference code)")
+    use_prompt: bool = option(True, "ablation: false = PR only")
+    use_head: bool = option(True, "ablation: false = PG only")
+    training: Training = option(
+        "collaborative",
+        "collaborative (Algorithm 1); iterative: alternate PG and PR without the KL terms (paper 001 sec. 4.5); "
+        "sequential: PG for the whole budget, then PR",
+    )
+    residual: bool = option(True, "ablation: false = Y_O = R(Y_I)")
+    head: Literal["mlp", "linear"] = option("mlp", "refinement head: mlp, or one K x K layer")
+
+
+# The papers' and the reference code's variants by name (``--set preset=NAME``); a preset sets these options, any
+# option given beside it wins. BBT takes the options it has (no head).
+_REFERENCE = {
+    "a_std": 0.2,
+    "sigma0": 0.02,
+    "bounds": 5.0,
+    "head_layers": 2,
+    "head_hidden": 256,
+    "optimizer": "adam",
+    "kl_direction": "reversed",
+}
+CRAFT_PRESETS: dict[str, dict[str, Any]] = {
+    "craft": {},  # paper 001 (the defaults)
+    "carrot": {"lambda_i": 1.0},  # paper 000's training details: lambda_I = 1, lambda_O = 0.1 / K
+    "reference": _REFERENCE,  # the public code's settings for most datasets
+    "reference-dtd": {**_REFERENCE, "lambda_i": 0.001, "lambda_o": 0.001, "a_std": 1.0},
+    "reference-food101": {**_REFERENCE, "lambda_i": 1.0, "lambda_o": 1.0, "sigma0": 1.0, "bounds": None},
+    "reference-imagenet": {
+        **_REFERENCE,
+        "lambda_i": 0.0,
+        "lambda_o": 0.0,
+        "a_std": 1.0,
+        "sigma0": 1.0,
+        "bounds": None,
+        "head_hidden": 512,
+    },
+}
 
 
 def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -121,9 +158,9 @@ class CollaborativeTrainer:
         self.refs: ImageRefs = task.train
         self.labels = torch.as_tensor(self.refs.labels, dtype=torch.long)
         self.k = task.num_classes
-        self.template = cfg.template or task.templates[0]
+        self.template = task.templates[0] if cfg.template == "dataset" else cfg.template
         shots = max(1, len(self.refs) // max(1, self.k))
-        self.budget = cfg.budget if cfg.budget is not None else budget_for_shots(shots)
+        self.budget = cfg.budget if cfg.budget is not None else budget_for_shots(shots)  # the plan; see run()
         self.lambda_i = cfg.lambda_i if cfg.lambda_i is not None else 0.1 / self.k
         self.lambda_o = cfg.lambda_o if cfg.lambda_o is not None else 0.1 / self.k
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -139,6 +176,7 @@ class CollaborativeTrainer:
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
         self.used = 0
+        self.head_trained = False
         self.hooks = TrainingHooks()
         self._next_report = 0
         self._replay: list[GenerationRecord] = []
@@ -186,7 +224,8 @@ class CollaborativeTrainer:
         if self.hooks.journal is not None:
             self.hooks.journal.record(record)
 
-    def prompt_step(self, consistency: bool) -> None:
+    def prompt_step(self, consistency: bool) -> np.ndarray:
+        """One CMA-ES generation (Algorithm 1, lines 5-7); returns the candidates' fitness."""
         z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
         record = self._next_record()
         if record is None:  # live: query the box (replayed steps reuse the logged fitness)
@@ -197,14 +236,17 @@ class CollaborativeTrainer:
             self.used += record.queries
         assert record.fitness is not None
         self.es.tell(list(z), record.fitness.tolist())
+        return record.fitness
 
     def mean_context(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """E_z[A z] (Algorithm 1, line 16): text offsets (1, n_ctx, d_tok) and visual tokens (1, n_v, d_vis)."""
         return self.prompt.split(self.es.mean) if self.cfg.use_prompt else (None, None)
 
-    def head_epoch(self, y_i: torch.Tensor, consistency: bool) -> None:
-        """One epoch of R on (Y_I, Y) with L_O (Eq. 6)."""
+    def head_epoch(self, y_i: torch.Tensor, consistency: bool) -> float:
+        """One epoch of R on (Y_I, Y) with L_O (Eq. 6); returns the mean loss."""
         assert self.head is not None
+        self.head_trained = True
+        total, batches = 0.0, 0
         order = torch.randperm(len(self.labels), generator=self.gen)
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start : start + self.cfg.batch_size]
@@ -216,6 +258,8 @@ class CollaborativeTrainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        return total / max(1, batches)
 
     def mean_scores(self) -> torch.Tensor:
         """Black-box scores (N, K) of the mean prompt E_z[p0 + A z]: the head's inputs (one query)."""
@@ -230,31 +274,57 @@ class CollaborativeTrainer:
         return torch.as_tensor(record.head_scores)  # (N, K)
 
     # ---- Algorithm 1 and its ablations -----------------------------------------------------------------
+    def _plan(self, replayed: int) -> int:
+        """Queries this run may spend: the method's budget, cut to what the box's hard limit still allows."""
+        remaining = self.box.usage().remaining
+        if remaining is None or replayed + remaining >= self.budget:
+            return self.budget
+        available = replayed + remaining
+        self.hooks.note(
+            f"the black box allows {available} queries but the method's budget is {self.budget}: "
+            f"training is planned for {available}"
+        )
+        return available
+
     def run(self) -> BlackBoxClassifier:
-        cfg = self.cfg
         if self.hooks.journal is not None:
             self._replay = list(self.hooks.journal.replay())  # resume: replay logged steps, then go on live
             if self._replay:
                 log.info("resuming: replaying %d logged steps", len(self._replay))
-        collab = cfg.use_prompt and cfg.use_head and cfg.collaborative
-        head_epochs = self.budget // (cfg.popsize + 1)  # as many head epochs as the full method has generations
-        if cfg.use_prompt:
-            cost = cfg.popsize + (1 if collab else 0)  # lambda candidates (+ the mean prompt for the head)
-            reserve = 1 if cfg.use_head and not collab else 0  # one query left for the head's inputs
-            generations = (self.budget - reserve) // cost
-            for g in range(generations):
-                self.prompt_step(consistency=collab)  # Algorithm 1, lines 5-7
-                if collab:
-                    self.head_epoch(self.mean_scores(), consistency=True)  # lines 9-14
-                if (g + 1) % 25 == 0:
-                    log.info("generation %d/%d, %d queries", g + 1, generations, self.used)
-                self._report(final=False)
-        if self.head is not None and not collab:  # PR only, or PG then PR without collaboration
-            y_i = self.mean_scores()
-            for _ in range(head_epochs):
-                self.head_epoch(y_i, consistency=False)
+        budget = self._plan(sum(r.queries for r in self._replay))
+        try:
+            self._train(budget)
+        except BudgetExceeded as exc:  # a hard limit met mid-run (e.g. a key shared with other clients)
+            self.hooks.note(
+                f"stopped early by the black box's hard limit ({exc.used} of {exc.limit} used): "
+                f"the adapter is the one after {self.used} queries"
+            )
+        if self.head is not None and not self.head_trained:
+            self.head, self.head_meta = None, None  # never trained: an untrained head would only add noise
         self._report(final=True)
         return self.snapshot()
+
+    def _train(self, budget: int) -> None:
+        cfg = self.cfg
+        both = cfg.use_prompt and cfg.use_head
+        alternate = both and cfg.training != "sequential"  # one head epoch after each CMA-ES generation
+        consistency = both and cfg.training == "collaborative"  # the KL terms of Eq. (5) and (6)
+        head_epochs = budget // (cfg.popsize + 1)  # as many head epochs as the full method has generations
+        if cfg.use_prompt:
+            cost = cfg.popsize + (1 if alternate else 0)  # lambda candidates (+ the mean prompt for the head)
+            reserve = 1 if cfg.use_head and not alternate else 0  # one query left for the head's inputs
+            generations = (budget - reserve) // cost
+            for g in range(generations):
+                fitness = self.prompt_step(consistency=consistency)  # Algorithm 1, lines 5-7
+                metrics = {"fitness": float(fitness.min()), "mean_fitness": float(fitness.mean())}
+                if alternate:
+                    metrics["head_loss"] = self.head_epoch(self.mean_scores(), consistency=consistency)  # 9-14
+                self.hooks.step(g + 1, generations, "generation", queries=self.used, **metrics)
+                self._report(final=False)
+        if self.head is not None and not alternate:  # PR only, or PG then PR (sequential)
+            y_i = self.mean_scores()
+            for e in range(head_epochs):
+                self.hooks.step(e + 1, head_epochs, "head epoch", loss=self.head_epoch(y_i, consistency=False))
 
     def snapshot(self) -> BlackBoxClassifier:
         """The current adapter: prompt E_z[p0 + A z] (Algorithm 1, line 16) and a copy of the head."""
@@ -302,6 +372,7 @@ class Craft(BlackBoxMethod):
 
     config_cls = CraftConfig
     classifier = CraftClassifier
+    presets = CRAFT_PRESETS
     summary = "CraFT (= CARROT): CMA-ES subspace prompts + residual refinement head, collaborative training"
 
     def fit(self, handle: BlackBoxVLM, task: Task, *, generator: torch.Generator) -> BlackBoxClassifier:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,20 +17,21 @@ from torch import nn
 
 from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.features.extract import FeatureSet
+from vlmtune.methods._options import method_config, option
 from vlmtune.methods.base import Classifier, Method, Task, register_method
 from vlmtune.methods.zeroshot import zero_shot_classifier
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@method_config
 class LinearProbeConfig:
-    lr: float = 1e-3
-    steps: int = 300
-    reg_grid: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
-    default_reg: float = 0.01  # used when the task has no validation split
-    ensemble: bool = False  # initialise from the template ensemble
-    bias: bool = True
+    lr: float = option(1e-3, "AdamW learning rate", gt=0)
+    steps: int = option(300, "full-batch AdamW steps per lambda", ge=1)
+    reg_grid: tuple[float, ...] = option((0.0, 0.01, 0.1, 1.0), "lambdas of the pull to zero-shot, chosen on val")
+    default_reg: float = option(0.01, "lambda when the task has no validation split", ge=0)
+    ensemble: bool = option(False, "initialise from the template ensemble")
+    bias: bool = option(True, "learn a per-class bias")
 
 
 class LinearProbeClassifier(Classifier):
@@ -72,11 +72,13 @@ class LinearProbe(Method):
         clf.bias.requires_grad_(cfg.bias)
         opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
         x, y = train.features.float(), train.labels
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             loss = F.cross_entropy(clf.logits(x), y) + reg * (clf.weight - w0).pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+                self.hooks.step(step + 1, cfg.steps, f"step (lambda {reg:g})", loss=float(loss.detach()))
         return clf
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,26 +19,27 @@ from torch import nn
 
 from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.features.extract import FeatureSet
+from vlmtune.methods._options import method_config, option
 from vlmtune.methods.base import Classifier, Method, Task, register_method
 from vlmtune.methods.zeroshot import zero_shot_classifier
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@method_config
 class TipAdapterConfig:
-    init_alpha: float = 1.0
-    init_beta: float = 1.0
-    search_scale: tuple[float, float] = (7.0, 3.0)  # beta, alpha upper ends
-    search_step: tuple[int, int] = (200, 20)
-    ensemble: bool = False  # zero-shot weights from the template ensemble
+    init_alpha: float = option(1.0, "residual ratio alpha before the search", ge=0)
+    init_beta: float = option(1.0, "sharpness beta before the search", gt=0)
+    search_scale: tuple[float, float] = option((7.0, 3.0), "upper ends of the beta, alpha search (reference grid)")
+    search_step: tuple[int, int] = option((200, 20), "grid steps of the beta, alpha search")
+    ensemble: bool = option(False, "zero-shot weights from the template ensemble")
 
 
-@dataclass(frozen=True)
+@method_config
 class TipAdapterFConfig(TipAdapterConfig):
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 256
+    lr: float = option(1e-3, "AdamW learning rate of the cache keys", gt=0)
+    epochs: int = option(20, "fine-tuning epochs", ge=1)
+    batch_size: int = option(256, "images per step", ge=1)
 
 
 class TipAdapterClassifier(Classifier):
@@ -154,8 +154,9 @@ class TipAdapterF(Method):
         steps = cfg.epochs * -(-len(train) // cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         x, y = train.features.float(), train.labels
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             order = torch.randperm(len(y), generator=generator)
+            total = 0.0
             for start in range(0, len(y), cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
                 loss = F.cross_entropy(clf.logits(x[idx]), y[idx])
@@ -163,5 +164,7 @@ class TipAdapterF(Method):
                 loss.backward()
                 opt.step()
                 sched.step()
+                total += float(loss.detach()) * len(idx)
+            self.hooks.step(epoch + 1, cfg.epochs, "epoch", loss=total / len(y))
         search_alpha_beta(clf, task.val if isinstance(task.val, FeatureSet) else None, cfg)
         return clf

@@ -22,32 +22,34 @@ Linear-ReLU-Linear block maps the global image feature to the prompt residual, s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.methods._prompt import mlp
+from vlmtune.methods._options import method_config, option
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Position, mlp
 from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
 from vlmtune.methods.base import register_method
 
 VARIANTS = ("attention", "mlp", "none")
+Variant = Literal["attention", "mlp", "none"]
 
 
-@dataclass(frozen=True)
+@method_config
 class TMMConfig:
-    n_ctx: int = 4
-    ctx_init: str | None = "a photo of a"
-    position: str = "end"
-    lam: float = 0.2  # lambda of Eq. (11)
-    ctp: str = "attention"  # "attention" (CTP), "mlp" (MLP-PL) or "none"
-    tft: str = "attention"  # "attention" (TFT), "mlp" (MLP-FT) or "none"
-    lr: float = 0.002
-    epochs: int | None = 10
-    batch_size: int = 1  # the paper's (its Limitations); any B works here, batched over images and classes
-    scale_lr: bool = True  # B > 1: lr x B (linear scaling rule), to follow the batch-1 schedule per epoch
+    n_ctx: int = option(4, "context vectors", ge=1)
+    ctx_init: str | None = option("a photo of a", "initial words (n_ctx must equal their token count); none = random")
+    position: Position = option("end", "class token position")
+    lam: float = option(0.2, "lambda of Eq. (11)", ge=0)
+    ctp: Variant = option("attention", "class-aware text prompts: attention (CTP), mlp (MLP-PL) or none")
+    tft: Variant = option("attention", "text-guided feature tuning: attention (TFT), mlp (MLP-FT) or none")
+    lr: float = option(0.002, "SGD learning rate at batch 1 (CLIP's token-embedding scale)", gt=0)
+    epochs: int | None = option(10, "epochs; none = by shots", ge=1)
+    batch_size: int = option(1, "images per step (the paper's 1; batched over images and classes)", ge=1)
+    scale_lr: bool = option(True, "batch_size > 1: lr x batch_size (linear scaling rule)")
+    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 def class_aware_prompts(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -85,9 +87,9 @@ class TMMClassifier(PromptClassifier):
         return TMMHead(settings["embed_dim"], settings["width"], settings["ctp"], settings["tft"])
 
     def class_queries(self) -> torch.Tensor:
-        """p_i: mean token embedding of class i's prompt (context, name, period) -> (K, W)."""
+        """p_i: mean token embedding of class i's prompt (context, name, period) -> (K, W), in CLIP's token units."""
         a = self.assembler
-        e = a.embeds(self.ctx)  # (K, L', W)
+        e = a.embeds(self.ctx) / a.scale  # (K, L', W)
         pos = torch.arange(e.shape[1], device=e.device)
         mask = ((pos >= 1) & (pos < a.eot.to(e.device)[:, None])).to(e.dtype)  # (K, L')
         return (e * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from vlmtune.backbones.base import Backbone, Capability, FeatureEncoder
+from vlmtune.data.templates import check_template
+from vlmtune.methods._options import method_config, option
 from vlmtune.methods._text import class_text_weights
 from vlmtune.methods.base import Classifier, Method, Task, register_method
 
 
-@dataclass(frozen=True)
+@method_config
 class ZeroShotConfig:
-    ensemble: bool = False  # average all task templates (CLIP prompt ensembling) instead of the first one
+    ensemble: bool = option(False, "average all task templates (CLIP prompt ensembling) instead of one")
+    template: str = option("dataset", "the one template: 'dataset' = the dataset's own, or e.g. 'a photo of a {}.'")
 
 
 class ZeroShotClassifier(Classifier):
@@ -43,8 +45,15 @@ class ZeroShotClassifier(Classifier):
         return cls(meta["classnames"], tensors["weights"], meta["scale"], meta["templates"])
 
 
-def zero_shot_classifier(encoder: FeatureEncoder, task: Task, ensemble: bool) -> ZeroShotClassifier:
-    templates = task.templates if ensemble else task.templates[:1]
+def zero_shot_classifier(
+    encoder: FeatureEncoder, task: Task, ensemble: bool, template: str = "dataset"
+) -> ZeroShotClassifier:
+    """CLIP's zero-shot head: the task's first template (or ``template``), or the ensemble of all of them."""
+    if ensemble:
+        templates = task.templates
+    else:
+        templates = task.templates[:1] if template == "dataset" else [template]
+        check_template(templates[0])
     weights = class_text_weights(encoder, task.classnames, templates)  # (K, D)
     return ZeroShotClassifier(task.classnames, weights, encoder.logit_scale, templates)
 
@@ -57,12 +66,9 @@ class ZeroShot(Method):
     config_cls = ZeroShotConfig
     classifier = ZeroShotClassifier
     needs_labels = False
+    needs_train = False
     supports_new_classes = True
     summary = "zero-shot CLIP: single template or template ensemble"
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> ZeroShotClassifier:
-        return zero_shot_classifier(handle, task, self.config.ensemble)
-
-    @staticmethod
-    def config_dict(config: ZeroShotConfig) -> dict[str, Any]:
-        return asdict(config)
+        return zero_shot_classifier(handle, task, self.config.ensemble, self.config.template)

@@ -34,7 +34,9 @@ from vlmtune.data import load_dataset
 from vlmtune.data.base import DatasetSplit
 from vlmtune.data.fewshot import base_new_split
 from vlmtune.features.cache import FeatureCache
+from vlmtune.methods.base import get_method, make_config
 from vlmtune.metrics import harmonic_mean
+from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
 from vlmtune.runs.runner import FeatureSource, RunConfig, run, score_split
 
@@ -91,13 +93,8 @@ class ProtocolResult:
 
 
 def _plot_sweep(result: ProtocolResult, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: %s skipped", path.name)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
     all_shots: set[int] = set()
@@ -140,6 +137,8 @@ class ProtocolSettings:
     device: str = "cpu"  # used when ``backbone`` is a spec string
     data_root: str | None = None  # folder of the real datasets (default: $VLMTUNE_DATA or ./data)
     skip_corrupt: bool = False
+    out: str | Path | None = None  # each finished job is appended to <out>/jobs.jsonl as it ends
+    resume: bool = False  # skip the jobs <out>/jobs.jsonl already holds (same method, options, data, seed)
 
 
 @dataclass(frozen=True)
@@ -222,33 +221,81 @@ def _worker(settings: ProtocolSettings, threads: int, job: _Job) -> dict[str, fl
     return _WORKER["ctx"].execute(job)
 
 
+def _check_jobs(jobs: list[_Job], settings: ProtocolSettings) -> None:
+    """Every method and option is checked before the first job runs (a typo fails in a second, not an hour)."""
+    unused = sorted(set(settings.options) - {job.label for job in jobs})
+    if unused:
+        raise ValueError(f"options given for methods that are not run: {', '.join(unused)}")
+    for label, name in dict.fromkeys((job.label, job.name) for job in jobs):
+        make_config(get_method(name), settings.options.get(label, {}))
+
+
+def _job_key(job: _Job, settings: ProtocolSettings, spec: str) -> str:
+    """What identifies a finished job in ``jobs.jsonl``: the job, its options and the backbone."""
+    return json.dumps([dataclasses.asdict(job), settings.options.get(job.label, {}), spec], sort_keys=True)
+
+
+class _JobLog:
+    """``<out>/jobs.jsonl``: one line per finished job, written as it finishes (a crash or Ctrl-C keeps them)."""
+
+    def __init__(self, settings: ProtocolSettings) -> None:
+        self.path = Path(settings.out) / "jobs.jsonl" if settings.out is not None else None
+        self.done: dict[str, dict[str, float | None]] = {}
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if settings.resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = entry["metrics"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that job runs again
+        elif self.path.is_file():
+            self.path.unlink()
+
+    def add(self, key: str, metrics: dict[str, float | None]) -> None:
+        self.done[key] = metrics
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "metrics": metrics}) + "\n")
+
+
 def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> list[tuple[_Job, dict[str, float | None]]]:
     """Each job with its metrics, in job order (in this process, or in ``settings.jobs`` worker processes)."""
     from tqdm import tqdm
 
-    unused = sorted(set(settings.options) - {job.label for job in jobs})
-    if unused:
-        raise ValueError(f"options given for methods that are not run: {', '.join(unused)}")
+    _check_jobs(jobs, settings)
     bb = settings.backbone
     spec, device = (bb.spec, str(bb.device)) if isinstance(bb, Backbone) else (bb, settings.device)
-    results: dict[int, dict[str, float | None]] = {}
-    with tqdm(total=len(jobs), desc=what, unit="run", disable=not settings.progress) as bar:
-        if settings.jobs <= 1:
-            ctx = _Context(bb if isinstance(bb, Backbone) else load_backbone(spec, device), settings)
-            for i, job in enumerate(jobs):
-                results[i] = ctx.execute(job)
+    keys = [_job_key(job, settings, spec) for job in jobs]
+    done = _JobLog(settings)
+    todo = [i for i, key in enumerate(keys) if key not in done.done]
+    if len(todo) < len(jobs):
+        log.warning("%s: %d of %d jobs already done (%s), skipped", what, len(jobs) - len(todo), len(jobs), done.path)
+    with tqdm(total=len(todo), desc=what, unit="run", disable=not settings.progress) as bar:
+        if settings.jobs <= 1 or len(todo) <= 1:
+            ctx = _Context(bb if isinstance(bb, Backbone) else load_backbone(spec, device), settings) if todo else None
+            for i in todo:
+                assert ctx is not None
+                done.add(keys[i], ctx.execute(jobs[i]))
                 bar.update()
         else:
             threads = max(1, (os.cpu_count() or 1) // settings.jobs)
             fn = functools.partial(_worker, dataclasses.replace(settings, backbone=spec, device=device), threads)
             # CUDA cannot be forked; elsewhere the platform's default (fork on Linux: scripts need no main guard)
             mp = multiprocessing.get_context("spawn" if device.startswith("cuda") else None)
-            with ProcessPoolExecutor(settings.jobs, mp_context=mp) as pool:
-                futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            pool = ProcessPoolExecutor(settings.jobs, mp_context=mp)
+            try:
+                futures = {pool.submit(fn, jobs[i]): i for i in todo}
                 for future in as_completed(futures):
-                    results[futures[future]] = future.result()
+                    done.add(keys[futures[future]], future.result())
                     bar.update()
-    return [(job, results[i]) for i, job in enumerate(jobs)]
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or a failed job: stop the rest now
+                raise
+            pool.shutdown()
+    return [(job, done.done[key]) for job, key in zip(jobs, keys, strict=True)]
 
 
 def few_shot_sweep(

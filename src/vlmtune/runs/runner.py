@@ -1,39 +1,49 @@
 """The runner: one (method, dataset, shots, seed) job from config to saved results.
 
 It owns what methods must not do: loading the backbone and data, the few-shot pick, feature extraction
-through the cache, scoring, and writing the run directory::
+through the cache, scoring, progress and logs, and writing the run directory::
 
-    <run>/config.json     resolved configuration
-    <run>/results.json    scores and timings
-    <run>/results.md      the same as a Markdown table
-    <run>/adapter/        adapter.safetensors + adapter.json
+    <run>/config.json       resolved configuration (``vlmtune fit --config <run>/config.json`` re-runs it)
+    <run>/results.json      scores (acc1, acc5, mean per-class recall), timings, notes, versions, git revision, date
+    <run>/results.md        the same as a Markdown table
+    <run>/train_log.jsonl   training progress (loss / fitness per epoch or generation); training.png
+    <run>/adapter/          adapter.safetensors + adapter.json
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vlmtune._io import atomic_write
 from vlmtune.backbones import load_backbone
 from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, image_bytes
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
+from vlmtune.errors import VlmtuneError
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
 from vlmtune.methods._blackbox import BlackBoxClassifier
-from vlmtune.methods.base import Classifier, Task, get_method, make_config
-from vlmtune.metrics import accuracy
+from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
+from vlmtune.metrics import classification_metrics
 from vlmtune.runs.journal import FileJournal
+from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
+from vlmtune.runs.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
+UPLOAD_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+RUN_MARKERS = ("config.json", "results.json", "adapter", "state")
 
 
 @dataclass(frozen=True)
@@ -46,16 +56,18 @@ class RunConfig:
         backbone: backbone spec.
         shots: labelled images per class for training (0 = the whole train split).
         seed: seed of the few-shot pick and of the method's generator.
-        options: method config overrides.
+        options: method config overrides (``preset`` picks a named option set).
         subsample: ``all``, ``base`` or ``new`` classes (CoOp's base-to-new rule).
         val_shots: validation images per class for model selection (None = min(shots, 4); 0 = no validation).
         data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
-        device: torch device for the backbone.
+        device: torch device for the backbone (``auto`` = cuda / mps / cpu).
         skip_corrupt: drop unreadable images (each logged) instead of failing on the first one.
         curve_every: for black-box methods, score the current adapter on test every this many queries
             (accuracy-vs-queries curve; test scoring uses a separate box and never feeds back into training).
         query_budget: hard limit of the black box a ``BLACK_BOX`` method trains against (None = unlimited; the
-            method keeps to its own budget either way, and the queries used are reported).
+            method plans within it, and a run that meets a limit ends with the adapter so far).
+        service: URL of a ``vlmtune serve`` black box to train (and test) a black-box method against instead of a
+            local one; the API key comes from ``run(..., api_key=)`` or ``$VLMTUNE_API_KEY``, never the config.
     """
 
     method: str = "linear_probe"
@@ -71,31 +83,45 @@ class RunConfig:
     skip_corrupt: bool = False
     query_budget: int | None = None
     curve_every: int | None = None
+    service: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunConfig:
+        """From ``config.json`` (extra keys such as ``method_config`` are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
 class RunResult:
     config: RunConfig
-    accuracy: dict[str, float]
+    accuracy: dict[str, float]  # split -> top-1 accuracy (%)
     n_train: int
     fit_seconds: float
     classifier: Classifier
     method_config: dict[str, Any]
     queries: int | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> acc1 / acc5 / mean recall
+    shots_used: dict[str, int] | None = None  # smallest and largest number of training images of a class
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_json(),
             "method_config": self.method_config,
-            "accuracy": self.accuracy,
+            "accuracy": {k: round(v, 2) for k, v in self.accuracy.items()},
+            "metrics": self.metrics,
             "n_train": self.n_train,
+            "shots_used": self.shots_used,
             "fit_seconds": round(self.fit_seconds, 3),
             "queries": self.queries,
-            "curve": [{"queries": q, "test": a} for q, a in self.curve],
+            "curve": [{"queries": q, "test": round(a, 2)} for q, a in self.curve],
+            "notes": self.notes,
+            "provenance": provenance(),
         }
 
 
@@ -111,20 +137,51 @@ class FeatureSource:
         return extract_features(self.backbone, split, self.cache, patches=self.patches, progress=self.progress)
 
 
+def _shot_counts(split: DatasetSplit) -> dict[str, int]:
+    counts = np.bincount(split.labels, minlength=split.num_classes)
+    return {"min": int(counts.min()), "max": int(counts.max())} if len(counts) else {"min": 0, "max": 0}
+
+
 def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
     """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
+    if "train" not in splits:
+        root = splits["test"].dataset.removeprefix("folder:")
+        raise VlmtuneError(
+            f"{splits['test'].dataset} has no train split; this method trains on labelled images "
+            f"(image folders: put them in {root}/train/<class>/, and test images in {root}/test/<class>/)"
+        )
     split = base_new_split(splits["train"], cfg.subsample)
-    return few_shot(split, cfg.shots, cfg.seed) if cfg.shots > 0 else split
+    if cfg.shots <= 0:
+        return split
+    picked = few_shot(split, cfg.shots, cfg.seed)
+    counts = _shot_counts(picked)
+    if counts["min"] < cfg.shots:
+        short = int((np.bincount(picked.labels, minlength=picked.num_classes) < cfg.shots).sum())
+        log.warning(
+            "--shots %d: %d of %d classes have fewer training images (the smallest %d); they give all they have",
+            cfg.shots,
+            short,
+            picked.num_classes,
+            counts["min"],
+        )
+    return picked
 
 
-def make_task(splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig) -> tuple[Task, int]:
+def make_task(
+    splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig
+) -> tuple[Task, DatasetSplit | None]:
+    """The method's ``Task``; labels are withheld from methods that do not need them. Returns the training
+    split too (None for methods that fit from class names alone)."""
+    method = get_method(cfg.method)
+    if not method.needs_train:
+        names = base_new_split(splits.get("train", splits["test"]), cfg.subsample)
+        return Task(classnames=names.classnames, templates=names.templates), None
     train_split = train_split_for(splits, cfg)
     val_shots = min(cfg.shots, 4) if cfg.val_shots is None else cfg.val_shots
     val = None
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
         val_split = base_new_split(splits["val"], cfg.subsample)
         val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
-    method = get_method(cfg.method)
     train = source.features(train_split)
     task = Task(
         classnames=train_split.classnames,
@@ -133,25 +190,53 @@ def make_task(splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunCo
         val=val,
         unlabeled=None if method.needs_labels else train,
     )
-    return task, len(train_split)
+    return task, train_split
 
 
-def evaluate(classifier: Classifier, features: FeatureSet) -> float:
-    return accuracy(classifier.score(features), features.labels)
+def split_logits(
+    classifier: Classifier,
+    backbone: Backbone | None,
+    split: DatasetSplit,
+    source: FeatureSource | None,
+    progress: bool,
+    box: BlackBoxVLM | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of any adapter on ``split``: black-box adapters through ``box`` (default: a fresh,
+    unmetered local box), the others from (cached) features."""
+    if isinstance(classifier, BlackBoxClassifier):
+        if box is None:
+            assert backbone is not None
+            box = LocalBlackBox(backbone, visual_prompts=classifier.uses_visual_prompts)
+        refs = upload_split(box, split, progress)
+        return classifier.predict_blackbox(box, refs), refs.labels
+    assert backbone is not None
+    patches = bool(getattr(classifier, "needs_patches", False))
+    if source is None or (patches and not source.patches):
+        source = FeatureSource(backbone, source.cache if source else None, progress, patches)
+    data = source.features(split)
+    return classifier.bind(backbone).score(data), data.labels
 
 
 def score_split(
     classifier: Classifier, backbone: Backbone, split: DatasetSplit, source: FeatureSource | None, progress: bool
 ) -> float:
-    """Test accuracy of any adapter on ``split``: black-box adapters through a fresh, unmetered box."""
-    if isinstance(classifier, BlackBoxClassifier):
-        box = LocalBlackBox(backbone)
-        refs = upload_split(box, split, progress)
-        return accuracy(classifier.predict_blackbox(box, refs), refs.labels)
-    patches = bool(getattr(classifier, "needs_patches", False))
-    if source is None or (patches and not source.patches):
-        source = FeatureSource(backbone, source.cache if source else None, progress, patches)
-    return evaluate(classifier.bind(backbone), source.features(split))
+    """Top-1 test accuracy (%) of any adapter on ``split``."""
+    return classification_metrics(*split_logits(classifier, backbone, split, source, progress))["acc1"]
+
+
+def prepare_run_dir(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one: an existing run is replaced only with ``overwrite`` (whole)."""
+    if resume or not folder.exists() or not any(folder.iterdir()):
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    if not any((folder / m).exists() for m in RUN_MARKERS):
+        raise VlmtuneError(f"{folder} is not empty and is not a vlmtune run directory: choose another --out")
+    if not overwrite:
+        raise VlmtuneError(
+            f"{folder} already holds a run: --overwrite replaces it (black-box runs: --resume continues)"
+        )
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
 
 
 def run(
@@ -162,91 +247,211 @@ def run(
     backbone: Backbone | None = None,
     splits: dict[str, DatasetSplit] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    api_key: str | None = None,
 ) -> RunResult:
     """Fit ``cfg.method`` and score it on the test split (of the same class subsample).
 
-    With ``out_dir``, black-box runs keep a journal in ``<out_dir>/state``; ``resume=True`` continues a run
-    that was stopped and ends with the result an uninterrupted run would have given.
+    Options are validated before anything is loaded. With ``out_dir``, black-box runs keep a journal in
+    ``<out_dir>/state``; ``resume=True`` continues a run that was stopped and ends with the result an
+    uninterrupted run would have given.
     """
-    backbone = backbone or load_backbone(cfg.backbone, cfg.device)
-    splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
     method_cls = get_method(cfg.method)
     method_config = make_config(method_cls, cfg.options)
+    if cfg.shots < 0:
+        raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
+    if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
+        raise VlmtuneError(f"--service trains black-box methods only; {cfg.method} needs the model itself")
+    folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None:
+        prepare_run_dir(folder, resume, overwrite)
+    if cfg.service is None:
+        backbone = backbone or load_backbone(cfg.backbone, cfg.device)
+    splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
+    if "test" not in splits:
+        raise VlmtuneError(f"{cfg.dataset} has no test split")
+    method = method_cls(method_config)
+    training_log = TrainingLog(folder, progress, f"{cfg.method} on {cfg.dataset}")
+    method.hooks.on_step = training_log.step
     generator = torch.Generator().manual_seed(cfg.seed)
-    if method_cls.capability is Capability.BLACK_BOX:
-        journal = FileJournal(Path(out_dir) / "state", cfg.to_json(), resume) if out_dir is not None else None
-        result = _run_black_box(cfg, backbone, splits, method_cls(method_config), generator, progress, journal)
-    else:
-        source = FeatureSource(backbone, cache, progress, patches=method_cls.needs_patches)
-        task, n_train = make_task(splits, source, cfg)
-        start = time.perf_counter()
-        classifier = method_cls(method_config).fit(backbone, task, generator=generator)
-        fit_seconds = time.perf_counter() - start
-        test_acc = score_split(classifier, backbone, base_new_split(splits["test"], cfg.subsample), source, progress)
-        result = RunResult(cfg, {"test": test_acc}, n_train, fit_seconds, classifier, {})
+    try:
+        if method_cls.capability is Capability.BLACK_BOX:
+            journal = FileJournal(folder / "state", cfg.to_json(), resume) if folder is not None else None
+            result = _run_black_box(cfg, backbone, splits, method, generator, progress, journal, api_key)
+        else:
+            assert backbone is not None
+            result = _run_features(cfg, backbone, splits, method, generator, cache, progress)
+    finally:
+        training_log.close()
     result.method_config = asdict(method_config)
-    if out_dir is not None:
-        write_run_dir(Path(out_dir), result)
+    result.notes = list(method.hooks.notes)
+    if folder is not None:
+        write_run_dir(folder, result)
     return result
 
 
+def _run_features(
+    cfg: RunConfig,
+    backbone: Backbone,
+    splits: dict[str, DatasetSplit],
+    method: Method,
+    generator: torch.Generator,
+    cache: FeatureCache | None,
+    progress: bool,
+) -> RunResult:
+    source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
+    task, train_split = make_task(splits, source, cfg)
+    start = time.perf_counter()
+    classifier = method.fit(backbone, task, generator=generator)
+    fit_seconds = time.perf_counter() - start
+    test = base_new_split(splits["test"], cfg.subsample)
+    metrics = classification_metrics(*split_logits(classifier, backbone, test, source, progress))
+    n_train = len(train_split) if train_split is not None else 0
+    shots = _shot_counts(train_split) if train_split is not None else None
+    return RunResult(
+        cfg,
+        {"test": metrics["acc1"]},
+        n_train,
+        fit_seconds,
+        classifier,
+        {},
+        metrics={"test": metrics},
+        shots_used=shots,
+    )
+
+
 def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
-    """Upload a split's images to a black box (as PNG bytes) -> ids + labels."""
+    """Upload a split's images to a black box (the files' own bytes where the format is accepted, else PNG)."""
+    data: list[bytes] = []
+    for i in tqdm(range(len(split)), desc=f"reading {split.dataset}/{split.split}", disable=not progress, leave=False):
+        path = split.file_path(i)
+        if path is not None and os.path.splitext(path)[1].lower() in UPLOAD_SUFFIXES:
+            data.append(Path(path).read_bytes())
+        else:
+            data.append(image_bytes(split.image(i)))
     ids: list[str] = []
-    for start in tqdm(
-        range(0, len(split), 256),
-        desc=f"uploading {split.dataset}/{split.split}",
-        unit="batch",
-        disable=not progress,
-        leave=False,
-    ):
-        ids += box.upload([image_bytes(split.image(i)) for i in range(start, min(start + 256, len(split)))])
+    for start in tqdm(range(0, len(data), 256), desc="uploading", unit="batch", disable=not progress, leave=False):
+        ids += box.upload(data[start : start + 256])
     return ImageRefs(ids, torch.as_tensor(split.labels, dtype=torch.long))
+
+
+class _Reserved:
+    """A service box whose reported budget keeps ``reserve`` queries back (for the final test scoring), so a
+    method that plans within the key's limit leaves room to score what it learned."""
+
+    def __init__(self, box: BlackBoxVLM, reserve: int) -> None:
+        self.box, self.reserve = box, reserve
+
+    def info(self) -> Any:
+        return self.box.info()
+
+    def upload(self, images: list[bytes]) -> list[str]:
+        return self.box.upload(images)
+
+    def predict(self, request: Any) -> Any:
+        return self.box.predict(request)
+
+    def usage(self) -> Any:
+        u = self.box.usage()
+        return replace(u, limit=None if u.limit is None else max(0, u.limit - self.reserve))
+
+
+def _scoring_queries(box: BlackBoxVLM, split: DatasetSplit) -> int:
+    """Queries the client needs to score ``split`` once without a context (it splits by images if needed)."""
+    lim = box.info().service_limits
+    per_request = max(1, min(lim.max_images, lim.max_reply_values // max(1, split.num_classes)))
+    return -(-len(split) // per_request)
 
 
 def _run_black_box(
     cfg: RunConfig,
-    backbone: Backbone,
+    backbone: Backbone | None,
     splits: dict[str, DatasetSplit],
     method: Any,
     generator: torch.Generator,
     progress: bool,
-    journal: FileJournal | None = None,
+    journal: FileJournal | None,
+    api_key: str | None,
 ) -> RunResult:
-    """A black-box method sees only a ``LocalBlackBox``; test scoring uses a separate, unmetered box."""
+    """A black-box method sees only a box: a local one (test scored through a separate, unmetered box) or the
+    service at ``cfg.service`` (test scored through it as well: one query per request)."""
     train_split = train_split_for(splits, cfg)
     box_options = method.box_options()
-    box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=journal.queries if journal else 0), **box_options)
+    if cfg.service is not None:
+        from vlmtune.blackbox.client import HttpBlackBox
+
+        if cfg.curve_every:
+            raise VlmtuneError("--curve-every is not available with --service (every test scoring would be charged)")
+        eval_box: BlackBoxVLM = HttpBlackBox(cfg.service, api_key or os.environ.get("VLMTUNE_API_KEY", ""))
+        box = _Reserved(eval_box, _scoring_queries(eval_box, base_new_split(splits["test"], cfg.subsample)))
+    else:
+        assert backbone is not None
+        used = journal.queries if journal else 0
+        box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=used), **box_options)
+        eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
     method.hooks.journal = journal
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
-    eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
     test = upload_split(eval_box, base_new_split(splits["test"], cfg.subsample), progress)
     curve: list[tuple[int, float]] = []
     if cfg.curve_every:
         method.hooks.monitor_every = cfg.curve_every
         method.hooks.monitor = lambda used, clf: curve.append(
-            (used, accuracy(clf.predict_blackbox(eval_box, test), test.labels))
+            (used, classification_metrics(clf.predict_blackbox(eval_box, test), test.labels)["acc1"])
         )
+    replayed = journal.queries if journal is not None else 0  # spent before a resume (the box counts them too)
+    used_before = box.usage().used - (replayed if cfg.service is None else 0)
     start = time.perf_counter()
     classifier = method.fit(box, task, generator=generator)
     fit_seconds = time.perf_counter() - start
+    queries = box.usage().used - used_before + (replayed if cfg.service is not None else 0)
     if journal is not None:
         journal.flush()
-    acc = accuracy(classifier.predict_blackbox(eval_box, test), test.labels)
-    return RunResult(cfg, {"test": acc}, len(train_split), fit_seconds, classifier, {}, box.usage().used, curve)
+    metrics = classification_metrics(classifier.predict_blackbox(eval_box, test), test.labels)
+    return RunResult(
+        cfg,
+        {"test": metrics["acc1"]},
+        len(train_split),
+        fit_seconds,
+        classifier,
+        {},
+        queries,
+        curve,
+        metrics={"test": metrics},
+        shots_used=_shot_counts(train_split),
+    )
 
 
 def write_run_dir(folder: Path, result: RunResult) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = result.config
-    (folder / "config.json").write_text(json.dumps({**cfg.to_json(), "method_config": result.method_config}, indent=1))
-    (folder / "results.json").write_text(json.dumps(result.to_json(), indent=1))
+
+    def write_json(name: str, data: Any) -> None:
+        atomic_write(folder / name, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+    write_json("config.json", {**cfg.to_json(), "method_config": result.method_config})
+    write_json("results.json", result.to_json())
+    m = result.metrics.get("test", {})
     table = markdown_table(
-        ["method", "dataset", "backbone", "shots", "seed", "test acc (%)", "fit (s)"],
-        [[cfg.method, cfg.dataset, cfg.backbone, cfg.shots, cfg.seed, result.accuracy["test"], result.fit_seconds]],
+        ["method", "dataset", "backbone", "shots", "seed", "acc1 (%)", "acc5 (%)", "mean recall (%)", "fit (s)"],
+        [
+            [
+                cfg.method,
+                cfg.dataset,
+                cfg.service or cfg.backbone,
+                cfg.shots,
+                cfg.seed,
+                result.accuracy["test"],
+                m.get("acc5", "-"),
+                m.get("mean_per_class_recall", "-"),
+                result.fit_seconds,
+            ]
+        ],
     )
-    (folder / "results.md").write_text(table + "\n")
-    result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset)
+    notes = "".join(f"\n- {n}" for n in result.notes)
+    atomic_write(
+        folder / "results.md", lambda tmp: Path(tmp).write_text(table + "\n" + notes + ("\n" if notes else ""))
+    )
+    result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset, service=cfg.service)
     if result.curve:
         from vlmtune.runs.plots import write_curve
 

@@ -1,0 +1,279 @@
+"""The service as a security boundary, measured with a hostile client (loopback only, bounded loops).
+
+What the service promises (docs/service.md, "Threat model"): a request is validated in full before it is charged,
+its work and reply are bounded, a failed request costs nothing, uploads are restricted to small PNG/JPEG/WebP
+files within a per-key quota, budgets survive restarts, keys cannot see each other's uploads, and errors never
+echo the input or internals.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import key_box, running_server
+from vlmtune.blackbox.accounts import KeySpec, UsageStore, generate_keys, load_keys
+from vlmtune.blackbox.api import PredictRequest, QueryBudget, ServiceLimits, image_bytes
+from vlmtune.blackbox.client import HttpBlackBox
+from vlmtune.blackbox.local import LocalBlackBox
+from vlmtune.blackbox.server import create_app, server_config
+from vlmtune.data import load_dataset
+from vlmtune.errors import VlmtuneError
+
+A, B = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+ADDRESS = re.compile(r"0x[0-9a-f]{6,}")
+
+
+@pytest.fixture(scope="module")
+def hostile(toy, tmp_path_factory):
+    store = UsageStore(tmp_path_factory.mktemp("state") / "usage.sqlite")
+    keys = {A: KeySpec(queries=1, images=30), B: KeySpec(queries=1000)}
+    app = create_app(LocalBlackBox(toy), keys, store, max_body_bytes=8 * 2**20, body_timeout=1.0)
+    with running_server(app, header_timeout=1.0, max_connections=64) as url:
+        yield url, app, store
+
+
+def _png(i: int = 0) -> bytes:
+    return image_bytes(load_dataset("toy:shapes")["test"].image(i))
+
+
+def _post(url: str, path: str, body: dict, key: str = A) -> httpx.Response:
+    return httpx.post(f"{url}/v1{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _ids(url: str, key: str, n: int = 2) -> list[str]:
+    return HttpBlackBox(url, key).upload([_png(i) for i in range(n)])
+
+
+def test_unbounded_work_is_refused_before_any_charge(hostile):
+    url, app, _ = hostile
+    ids = _ids(url, A)
+    box = key_box(app, A)
+    start = time.perf_counter()
+    many = _post(url, "/predict", {"image_ids": ids * 50_000, "classnames": [f"c{i}" for i in range(2000)]})
+    wide = _post(url, "/predict", {"image_ids": ids, "classnames": [f"class {i}" for i in range(10_000)]})
+    assert many.status_code == 400 and wide.status_code == 400
+    assert time.perf_counter() - start < 5  # refused on counts, not after the work
+    assert box.budget.used == 0 and box.forwards == 0
+    assert _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}).status_code == 200
+    assert box.budget.used == 1
+
+
+def test_failed_requests_cost_nothing(toy):
+    loose = ServiceLimits(max_context_abs=1e39)
+    box = LocalBlackBox(toy, QueryBudget(10), limits=loose)
+    ids = box.upload([_png()])
+    huge = np.full((2, 4, toy.token_width), 3e38, dtype=np.float32)  # finite, but it overflows the text tower
+    with pytest.raises(ValueError, match="non-finite"):
+        box.predict(PredictRequest(ids, ["circle", "square"], contexts=huge))
+    assert box.budget.used == 0 and box.budget.work_used == 0
+    strict = LocalBlackBox(toy, QueryBudget(10))
+    strict.upload([_png()])
+    with pytest.raises(ValueError, match="within"):
+        strict.predict(PredictRequest(ids, ["circle", "square"], contexts=huge))
+    assert strict.budget.used == 0
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP"])
+def test_only_png_jpeg_webp_are_decoded(hostile, fmt):
+    url, _, _ = hostile
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format=fmt)
+    r = _post(url, "/images", {"images": [base64.b64encode(buf.getvalue()).decode()]}, B)
+    assert r.status_code == 400 and "PNG" in r.json()["detail"]
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    assert _post(url, "/images", {"images": [base64.b64encode(eps).decode()]}, B).status_code == 400
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(hostile):
+    url, _, _ = hostile
+    buf = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(buf, format="PNG", optimize=True)  # ~150 KB file, 144 megapixels
+    start = time.perf_counter()
+    r = _post(url, "/images", {"images": [base64.b64encode(buf.getvalue()).decode()]}, B)
+    assert r.status_code == 400 and "pixels" in r.json()["detail"]
+    assert time.perf_counter() - start < 1.0  # never decoded
+
+
+def test_per_key_image_quota_and_uploads_are_counted(hostile):
+    url, _, _ = hostile
+    client = HttpBlackBox(url, A)
+    before = client.usage()
+    r = _post(url, "/images", {"images": [base64.b64encode(_png(i)).decode() for i in range(40)]})
+    assert r.status_code == 429 and r.json()["what"] == "image"  # quota 30: nothing of the request was kept
+    after = client.usage()
+    assert after.images == before.images and after.image_quota == 30
+    ids = client.upload([_png(i) for i in range(10)])
+    assert client.usage().uploaded >= len(set(ids)) > 0
+
+
+def test_keys_cannot_see_each_others_uploads(hostile):
+    url, app, _ = hostile
+    secret = image_bytes(Image.new("RGB", (24, 24), (1, 2, 3)))
+    ids = HttpBlackBox(url, A).upload([secret])
+    r = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}, B)
+    assert r.status_code == 404 and ids[0] not in r.text  # no listing of ids, free of charge
+    assert key_box(app, B).budget.used == 0 and HttpBlackBox(url, B).usage().images == 0
+    # the same file uploaded with another key is new to that key and encoded again: no timing tells it apart
+    uploaded = HttpBlackBox(url, B).usage().uploaded
+    assert HttpBlackBox(url, B).upload([secret]) == ids and HttpBlackBox(url, B).usage().uploaded == uploaded + 1
+
+
+def test_budgets_survive_a_restart(toy, tmp_path):
+    db = tmp_path / "usage.sqlite"
+    key = "restart-key-0123456789ab"
+    for expected in (1, 2):
+        app = create_app(LocalBlackBox(toy), {key: KeySpec(queries=2)}, UsageStore(db))
+        with running_server(app) as url:
+            client = HttpBlackBox(url, key)
+            ids = client.upload([_png()])
+            client.predict(PredictRequest(ids, ["circle", "square"]))
+            assert client.usage().used == expected
+    app = create_app(LocalBlackBox(toy), {key: KeySpec(queries=2)}, UsageStore(db))
+    with running_server(app) as url:
+        client = HttpBlackBox(url, key)
+        ids = client.upload([_png()])
+        r = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle"]}, key)
+        assert r.status_code == 429 and client.usage().used == 2  # the third restart did not reset the key
+    store = UsageStore(db)
+    assert key not in db.read_bytes().decode(errors="ignore") and store.row(store.account(key, KeySpec()).kid)[0] == 2
+
+
+def test_auth_needs_the_bearer_scheme_or_the_key_header(hostile):
+    url, _, _ = hostile
+    for headers in ({"Authorization": A}, {"Authorization": f"Basic {A}"}, {"Authorization": "Bearer"}, {}):
+        assert httpx.get(f"{url}/v1/usage", headers=headers).status_code == 401
+    assert httpx.get(f"{url}/v1/usage", headers={"X-API-Key": A}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"k-0123456789abcdef": 1.9}, "whole number"),
+        ({"k-0123456789abcdef": True}, "whole number"),
+        ({"k-0123456789abcdef": -1}, "whole number"),
+        ({"": 5}, "empty"),
+        ({"with space 0123456789": 5}, "whitespace"),
+        ({"k-0123456789abcdef": {"queries": 5, "typo": 1}}, "typo"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_keys_file_mistakes_are_one_line(tmp_path, content, message):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(VlmtuneError, match=message) as exc:
+        load_keys(path)
+    assert "\n" not in str(exc.value) and "0123456789" not in str(exc.value)
+    path.write_text("{not json")
+    with pytest.raises(VlmtuneError, match="not valid JSON"):
+        load_keys(path)
+
+
+def test_weak_keys_and_readable_files_warn_and_generated_keys_stay_secret(tmp_path, caplog):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"short": 5}))
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING):
+        load_keys(path)
+    assert "characters" in caplog.text and "chmod 600" in caplog.text and "short" not in caplog.text
+    caplog.clear()
+    generated = tmp_path / "state" / "keys.json"
+    with caplog.at_level(logging.DEBUG):
+        keys = generate_keys(generated, 100)
+    (key,) = keys
+    assert stat.S_IMODE(generated.stat().st_mode) == 0o600 and key not in caplog.text
+    assert generate_keys(generated, 5) == keys  # reused, so its persisted usage stays attached
+
+
+def test_binding_all_interfaces_warns(caplog, toy):
+    app = create_app(LocalBlackBox(toy), {A: QueryBudget(1)})
+    with caplog.at_level(logging.WARNING):
+        server_config(app, "0.0.0.0", 0)
+    assert "reachable from the network" in caplog.text
+
+
+@pytest.mark.parametrize("template", ["{}{!r}", "{0}", "{name}", "{:>10}", "{", "}{}", "a {} and {}"])
+def test_bad_templates_are_400_not_500(hostile, template):
+    url, _, _ = hostile
+    ids = _ids(url, B, 1)
+    r = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle"], "template": template}, B)
+    assert r.status_code == 400, r.text
+
+
+def test_internal_errors_are_500_without_details(hostile, monkeypatch):
+    url, app, _ = hostile
+    ids = _ids(url, B, 1)
+    box = key_box(app, B)
+
+    def broken(*_args, **_kwargs):
+        raise KeyError("secret internal state at 0x7f3a2b1c0d")
+
+    monkeypatch.setattr(box, "_prompt_embeddings", broken)
+    r = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle"]}, B)
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+
+
+def test_error_bodies_never_echo_input_or_addresses(hostile):
+    url, _, _ = hostile
+    marker = "MARKER-" + "x" * 50
+    bodies = [
+        {"image_ids": [marker], "classnames": 5},
+        {"image_ids": [marker], "classnames": ["a"], "contexts": {"dtype": "float32", "shape": [1], "data": marker}},
+        {"images": [marker]},
+    ]
+    for path, body in (("/predict", bodies[0]), ("/predict", bodies[1]), ("/images", bodies[2])):
+        r = _post(url, path, body, B)
+        assert 400 <= r.status_code < 500 and marker not in r.text and not ADDRESS.search(r.text), r.text
+    junk = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+    r = _post(url, "/images", {"images": [junk]}, B)
+    assert r.status_code == 400 and not ADDRESS.search(r.text) and "BytesIO" not in r.text
+
+
+def test_half_sent_requests_are_dropped(hostile):
+    url, _, _ = hostile
+    host, port = url.removeprefix("http://").split(":")
+    heads = []
+    for _ in range(40):  # request heads that never end
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        heads.append(s)
+    body = socket.create_connection((host, int(port)), timeout=5)  # a body that never ends
+    body.sendall(
+        f"POST /v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {B}\r\nContent-Type: application/json\r\n"
+        'Content-Length: 5000\r\n\r\n{"images": ['.encode()
+    )
+    assert httpx.get(f"{url}/v1/usage", headers={"X-API-Key": B}).status_code == 200  # still serving meanwhile
+    time.sleep(2.5)
+    closed = 0
+    for s in heads:
+        try:
+            closed += s.recv(100) == b""
+        except OSError:
+            closed += 1
+        s.close()
+    assert closed == len(heads)
+    reply = body.recv(1000)
+    body.close()
+    assert b" 408 " in reply.split(b"\r\n")[0]
+
+
+def test_docs_work_offline(hostile):
+    url, _, _ = hostile
+    r = httpx.get(f"{url}/docs")
+    assert r.status_code == 200 and "/v1/predict" in r.text
+    assert "<script" not in r.text and "cdn" not in r.text.lower()
