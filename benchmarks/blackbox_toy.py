@@ -54,15 +54,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--preset", action="append", default=[], help="add a CraFT row with this preset (repeatable)")
     ap.add_argument("--vp", action="store_true", help="add the CraFT + visual prompts row")
     ap.add_argument("--rows", nargs="+", help="only these rows (labels as printed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="processes side by side (1 thread each when > 1)")
     ap.add_argument("--json", help="also write the per-seed accuracies here")
     args = ap.parse_args()
-    rows_spec = [("zero-shot", "zeroshot", {}), ("BBT", "bbt", {}), ("CraFT", "craft", {})]
+    rows_spec = [
+        ("zero-shot", "zeroshot", {}),
+        ('zero-shot, "a photo of a {}."', "zeroshot", {"template": "a photo of a {}."}),
+        ("BBT", "bbt", {}),
+        ("CraFT", "craft", {}),
+    ]
     if args.ablations:
         rows_spec += [(f"CraFT: {name}", "craft", opts) for name, opts in ABLATIONS.items()]
+    rows_spec += [(f"CraFT, preset {p}", "craft", {"preset": p}) for p in args.preset]
     if args.vp:
         rows_spec.append(("CraFT + vp", "craft", {"visual_prompt": True}))
     if args.rows:

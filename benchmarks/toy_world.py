@@ -38,6 +38,8 @@ def main() -> None:
             for method in accs:
                 cfg = RunConfig(method=method, dataset=f"toy:{name}", shots=args.shots, seed=seed)
                 accs[method].append(run(cfg, progress=False, backbone=backbone, splits=splits).accuracy["test"])
+        photo = RunConfig(method="zeroshot", dataset=f"toy:{name}", options={"template": "a photo of a {}."})
+        plain = run(photo, progress=False, backbone=backbone, splits=splits).accuracy["test"]
         gain = sum(accs["linear_probe"]) / len(args.seeds) - sum(accs["zeroshot"]) / len(args.seeds)
         rows.append(
             [
@@ -45,12 +47,22 @@ def main() -> None:
                 task.role,
                 len(task.classes),
                 fmt_mean_std(accs["zeroshot"]),
+                f"{plain:.1f}",
                 fmt_mean_std(accs["linear_probe"]),
                 f"{gain:+.1f}",
             ]
         )
     table = markdown_table(
-        ["task", "role", "classes", "zero-shot (%)", f"linear probe {args.shots}-shot (%)", "gain"], rows
+        [
+            "task",
+            "role",
+            "classes",
+            "zero-shot (%)",
+            'zero-shot, "a photo of a {}." (%)',
+            f"linear probe {args.shots}-shot (%)",
+            "gain",
+        ],
+        rows,
     )
     meta = json.loads((bundled_weights_dir() / META_NAME).read_text())
     size = sum(p.stat().st_size for p in bundled_weights_dir().iterdir())

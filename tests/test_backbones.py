@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from vlmtune.backbones import load_backbone, parse_spec
 from vlmtune.backbones.toy import bundled_weights_dir
 from vlmtune.errors import UnknownName, WeightsNotAvailable
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_parse_spec():
@@ -166,3 +170,22 @@ def test_hf_offline_miss_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(WeightsNotAvailable, match="hf:openai/clip-vit-base-patch16"):
         load_backbone("hf:openai/clip-vit-base-patch16", cache=False)
+
+
+def test_hf_pickled_weights_are_never_loaded(hf_tiny, tmp_path):
+    """A folder with only pytorch_model.bin (pickle) is refused; vlmtune loads safetensors only."""
+    folder, model = hf_tiny
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(WeightsNotAvailable, match="safetensors"):
+        load_backbone(f"hf:{pickled}", cache=False)
+
+
+def test_openclip_loads_weights_without_unpickling(openclip_tiny):
+    from vlmtune.backbones.openclip import _no_unpickling
+
+    assert list(_no_unpickling().values()) == [True]
+    pin = re.search(r"open_clip_torch>=([\d.]+)", (REPO / "pyproject.toml").read_text())
+    assert pin is not None and tuple(map(int, pin.group(1).split("."))) >= (2, 29)  # first version that works

@@ -128,6 +128,37 @@ def test_resume_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch)
         run(other, out_dir=tmp_path / "run", progress=False, resume=True)
 
 
+@pytest.mark.parametrize("damage", ["overwrite", "delete", "negative", "reorder"])
+def test_a_damaged_journal_is_refused(tmp_path, damage):
+    """A same-size overwrite used to resume to 35.6% instead of 56.0% with exit 0; a deleted chunk replayed later
+    chunks in the wrong place; a negative query count was accepted."""
+    import json
+
+    from vlmtune.runs.journal import JournalDamaged
+
+    cfg = RunConfig(
+        method="craft", dataset="toy:nonce-shapes", shots=2, options={"budget": 330, "popsize": 10, "subspace": 32}
+    )
+    run(cfg, out_dir=tmp_path, progress=False)
+    state = tmp_path / "state"
+    data, meta = state / "chunk_0001.safetensors", state / "chunk_0001.json"
+    if damage == "overwrite":
+        raw = bytearray(data.read_bytes())
+        raw[-8:] = bytes(8)  # same size, other numbers
+        data.write_bytes(bytes(raw))
+    elif damage == "delete":
+        data.unlink()
+        meta.unlink()
+    elif damage == "negative":
+        header = json.loads(meta.read_text())
+        header["steps"][0]["queries"] = -10
+        meta.write_text(json.dumps(header))
+    else:
+        (state / "chunk_0002.json").rename(state / "chunk_0009.json")
+    with pytest.raises(JournalDamaged, match="damaged"):
+        run(cfg, out_dir=tmp_path, progress=False, resume=True)
+
+
 def test_craft_artifact_is_under_1mb_for_100_classes_and_round_trips(tmp_path):
     from vlmtune.methods._refine import RefinementHead
     from vlmtune.methods.base import load_classifier
@@ -147,3 +178,78 @@ def test_craft_artifact_is_under_1mb_for_100_classes_and_round_trips(tmp_path):
     loaded, _ = load_classifier(tmp_path)
     scores = torch.randn(7, 100) * 10
     torch.testing.assert_close(loaded.refine(scores), clf.refine(scores), rtol=0, atol=0)
+
+
+def _texture_folder(root):
+    """A folder dataset shaped like DTD: class folders in train/ and test/, templates.txt = '{} texture.'"""
+    test = load_dataset("toy:shapes")["test"]
+    for split, offset in (("train", 0), ("test", 1)):
+        for c in range(3):
+            folder = root / split / test.classnames[c]
+            folder.mkdir(parents=True)
+            for j, i in enumerate(int(k) for k in (test.labels == c).nonzero()[0][offset : offset + 8 : 2]):
+                test.image(i).save(folder / f"{j}.png")
+    (root / "templates.txt").write_text("{} texture.\n")
+
+
+def test_black_box_methods_prompt_like_the_reference_on_any_template(tmp_path):
+    """DTD's "{} texture." leaves no words for the 4 context tokens: the run used to die with a ValueError. The
+    reference prompts "a photo of a {}." with the context on those 4 tokens; the dataset's template is an option."""
+    _texture_folder(tmp_path / "dtd")
+    dataset = f"folder:{tmp_path / 'dtd'}"
+    options = {"budget": 22, "popsize": 10, "subspace": 16}
+    for method in ("bbt", "craft"):
+        res = run(RunConfig(method=method, dataset=dataset, shots=2, options=options), progress=False)
+        assert res.classifier.template == "a photo of a {}." and res.queries == 22 - (method == "bbt") * 2
+    with pytest.raises(ValueError, match="0 context tokens"):
+        run(
+            RunConfig(method="craft", dataset=dataset, shots=2, options={**options, "template": "dataset"}),
+            progress=False,
+        )
+
+
+def test_presets_name_the_papers_and_the_reference_code():
+    craft, bbt = get_method("craft"), get_method("bbt")
+    assert make_config(craft).lambda_i is None  # CraFT: 0.1 / K
+    carrot = make_config(craft, {"preset": "carrot"})
+    assert carrot.lambda_i == 1.0 and carrot.lambda_o is None  # paper 000: lambda_I = 1
+    ref = make_config(craft, {"preset": "reference-imagenet", "popsize": "20"})
+    assert (ref.a_std, ref.sigma0, ref.bounds, ref.head_hidden, ref.lambda_i, ref.popsize) == (
+        1.0,
+        1.0,
+        None,
+        512,
+        0.0,
+        20,
+    )
+    dtd = make_config(craft, {"preset": "reference-dtd"})
+    assert (dtd.lambda_i, dtd.a_std, dtd.head_layers, dtd.optimizer) == (0.001, 1.0, 2, "adam")
+    food = make_config(bbt, {"preset": "reference-food101"})
+    assert (food.a_std, food.sigma0, food.bounds) == (0.2, 1.0, None)
+    from vlmtune.errors import UnknownName
+
+    with pytest.raises(UnknownName, match="did you mean 'carrot'"):
+        make_config(craft, {"preset": "carot"})
+
+
+def test_iterative_ablation_alternates_without_the_kl_terms(toy):
+    """Paper 001 sec. 4.5's "PG+PR without collaboration" optimises the modules iteratively: the candidates' fitness is
+    the plain cross-entropy (BBT's), a head epoch follows each generation; collaborative adds lambda_I KL."""
+    box, task, _ = _setup(toy, "toy:shapes-sketch")
+
+    def fitness_of(method, **options):
+        cls = get_method(method)
+        m = cls(make_config(cls, {"budget": 22, "popsize": 10, "subspace": 16, **options}))
+        steps = []
+        m.hooks.on_step = lambda step, total, unit, metrics: steps.append((unit, metrics))
+        m.fit(box, task, generator=torch.Generator().manual_seed(4))
+        return steps
+
+    iterative = fitness_of("craft", training="iterative")
+    collaborative = fitness_of("craft")
+    bbt = fitness_of("bbt", budget=20)
+    first = {name: s[0][1]["fitness"] for name, s in (("it", iterative), ("co", collaborative), ("bbt", bbt))}
+    assert first["it"] == pytest.approx(first["bbt"]) and first["co"] != pytest.approx(first["bbt"])
+    assert len(iterative) == 2 and all("head_loss" in m for _, m in iterative)
+    sequential = fitness_of("craft", training="sequential")
+    assert [u for u, _ in sequential][:1] == ["generation"] and sequential[-1][0] == "head epoch"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
+import pytest
 from PIL import Image
 
 from vlmtune.cli import main
@@ -121,3 +123,221 @@ def test_protocol_commands(tmp_path, capsys):
     assert main([*args, "--set", "beta=2", "--no-cache"]) == 2
     assert main([*args, "--set", "tip_adapterr.init_beta=2", "--no-cache"]) == 2
     assert "not run: tip_adapterr" in capsys.readouterr().err
+
+
+# ---- ordinary mistakes end in one clear line (issue 9, section 4) ------------------------------------------------
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        (
+            "open_clip",
+            ["fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--backbone", "openclip:ViT-B-32"],
+            "openclip",
+        ),
+        ("transformers", ["fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--backbone", "hf:x/y"], "hf"),
+        ("uvicorn", ["serve"], "serve"),
+    ],
+)
+def test_missing_extras_name_the_pip_extra(monkeypatch, capsys, module, args, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert main(["-q", *args, "--no-cache"] if args[0] == "fit" else ["-q", *args]) == 2
+    assert f'pip install "vlmtune[{extra}]"' in _err(capsys)
+
+
+def test_near_miss_names_get_a_suggestion(capsys):
+    for args, wanted in (
+        (["fit", "--method", "CoOp", "--dataset", "toy:shapes"], "'coop'"),
+        (["fit", "--method", "zeroshot", "--dataset", "Caltech101"], "'caltech101'"),
+        (["fit", "--method", "coop", "--dataset", "toy:shapes", "--set", "nctx=4"], "'n_ctx'"),
+    ):
+        assert main(["-q", *args, "--no-cache"]) == 2
+        assert f"did you mean {wanted}" in _err(capsys)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("n_ctx=4.5", "valid integer"),
+        ("lr=[1,2]", "valid number"),
+        ("batch_size=0", "greater than or equal to 1"),
+        ("epochs=-1", "greater than or equal to 1"),
+        ("epochs=0", "greater than or equal to 1"),
+        ("position=top", "'end', 'middle' or 'front'"),
+        ("scale_lr=yes", "cannot read"),
+    ],
+)
+def test_bad_option_values_are_clear_errors(capsys, tmp_path, option, message):
+    args = ["-q", "fit", "--method", "coop", "--dataset", "toy:shapes", "--set", option, "--out", str(tmp_path / "r")]
+    assert main([*args, "--no-cache"]) == 2
+    assert message in _err(capsys) and not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_options_are_discoverable(capsys):
+    assert main(["list", "methods", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert "n_ctx" in out and "default 16" in out and ">= 1" in out and "context vectors" in out
+    assert "presets (--set preset=NAME): craft, carrot, reference" in out
+
+
+def test_fit_needs_method_and_dataset_and_sane_shots(capsys, tmp_path):
+    assert main(["-q", "fit", "--no-cache"]) == 2
+    assert "--method and --dataset" in _err(capsys)
+    assert main(["-q", "fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--shots", "-3", "--no-cache"]) == 2
+    assert "--shots must be >= 0" in _err(capsys)
+    out = tmp_path / "lp"
+    args = ["-q", "fit", "--method", "linear_probe", "--dataset", "toy:shapes", "--shots", "64", "--out", str(out)]
+    assert main([*args, "--no-cache"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["shots"] == 64 and results["shots_used"] == {"min": 32, "max": 32}  # what was used
+
+
+def test_results_carry_metrics_provenance_and_rerun_from_config(tmp_path, capsys):
+    out = tmp_path / "lp"
+    args = ["-q", "fit", "--method", "linear_probe", "--dataset", "toy:shapes-sketch", "--shots", "2"]
+    assert main([*args, "--out", str(out), "--no-cache"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]["test"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    acc = results["accuracy"]["test"]
+    assert acc == round(acc, 2) and results["metrics"]["test"]["acc5"] >= acc
+    prov = results["provenance"]
+    assert {"torch", "numpy", "python", "vlmtune"} <= set(prov["versions"]) and prov["date"] and "git" in prov
+    again = tmp_path / "again"
+    assert main(["-q", "fit", "--config", str(out / "config.json"), "--out", str(again), "--no-cache"]) == 0
+    assert json.loads((again / "results.json").read_text())["accuracy"] == results["accuracy"]
+    capsys.readouterr()
+    assert main(["-q", "eval", "--run", str(out), "--out", str(tmp_path / "eval.json"), "--no-cache"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["acc1"] == acc
+
+
+def test_refit_into_a_run_needs_overwrite_and_leaves_nothing_stale(tmp_path, capsys):
+    out = tmp_path / "run"
+    bbt = ["-q", "fit", "--method", "bbt", "--dataset", "toy:shapes-sketch", "--shots", "1", "--out", str(out)]
+    assert main([*bbt, "--set", "budget=20", "--set", "popsize=10", "--curve-every", "10", "--no-cache"]) == 0
+    assert (out / "curve.csv").is_file() and (out / "state").is_dir()
+    lp = ["-q", "fit", "--method", "linear_probe", "--dataset", "toy:shapes-sketch", "--shots", "1", "--out", str(out)]
+    assert main([*lp, "--no-cache"]) == 2
+    assert "--overwrite" in _err(capsys)
+    assert main([*lp, "--overwrite", "--no-cache"]) == 0
+    assert not (out / "curve.csv").exists() and not (out / "state").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    lp[-1] = str(tmp_path / "mine")
+    assert main([*lp, "--overwrite", "--no-cache"]) == 2  # not a run directory: never deleted
+    assert "not a vlmtune run directory" in _err(capsys) and (tmp_path / "mine" / "thesis.tex").is_file()
+
+
+def test_white_box_training_reports_progress_and_writes_a_log(tmp_path):
+    out = tmp_path / "coop"
+    args = ["fit", "--method", "coop", "--dataset", "toy:shapes-sketch", "--shots", "2", "--out", str(out)]
+    assert main([*args, "--set", "epochs=3", "--set", "n_ctx=4", "--no-cache", "-q"]) == 0  # -q after the command
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["unit"] == "epoch" and r["loss"] > 0 for r in rows)
+    pytest.importorskip("matplotlib")
+    assert (out / "training.png").stat().st_size > 1000
+
+
+def test_zero_shot_on_any_image_folder_in_one_command(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    test = load_dataset("toy:shapes")["test"]
+    for c in (0, 1):
+        (folder / test.classnames[c]).mkdir(parents=True)
+        for i in (test.labels == c).nonzero()[0][:3]:
+            test.image(int(i)).save(folder / test.classnames[c] / f"{i}.png")
+    assert (
+        main(["-q", "fit", "--method", "zeroshot", "--dataset", f"folder:{folder}", "--out", str(tmp_path / "zs")]) == 0
+    )
+    capsys.readouterr()
+    assert main(["-q", "eval", "--dataset", f"folder:{folder}", "--no-cache"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 6 and set(out["zeroshot"]) == {"a photo of a {}."}  # the folder's template is that one
+    assert set(out["zeroshot"]["a photo of a {}."]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert main(["-q", "fit", "--method", "linear_probe", "--dataset", f"folder:{folder}", "--no-cache"]) == 2
+    assert "has no train split" in _err(capsys)
+
+
+def test_predict_writes_all_or_nothing_and_skips_corrupt_files_on_request(tmp_path, capsys):
+    run = tmp_path / "zs"
+    assert main(["-q", "fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--out", str(run), "--no-cache"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (0, 1):
+        load_dataset("toy:shapes")["test"].image(i).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    csv_path = tmp_path / "preds.csv"
+    csv_path.write_text("previous results\n")
+    assert main(["-q", "predict", "--run", str(run), str(images), "--out", str(csv_path)]) == 2
+    assert "broken.png" in _err(capsys) and csv_path.read_text() == "previous results\n"
+    assert main(["-q", "predict", "--run", str(run), str(images), "--out", str(csv_path), "--skip-corrupt"]) == 0
+    assert len(list(csv.DictReader(csv_path.open()))) == 2
+
+
+def test_protocols_check_options_first_keep_finished_jobs_and_resume(tmp_path, capsys, monkeypatch):
+    import vlmtune.runs.protocols as protocols
+
+    out = tmp_path / "sweep"
+    base = ["-q", "protocol", "few-shot", "--methods", "zeroshot", "linear_probe", "--dataset", "toy:shapes"]
+    base += ["--shots", "1", "2", "--seeds", "1", "--out", str(out), "--no-cache"]
+    assert main([*base, "--set", "linear_probe.steps=0"]) == 2  # a bad value fails before the first job
+    assert "greater than or equal to 1" in _err(capsys) and not (out / "jobs.jsonl").exists()
+    real_run, calls = protocols.run, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(protocols, "run", interrupted)
+    assert main(base) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert len((out / "jobs.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(protocols, "run", real_run)
+    counted = []
+    monkeypatch.setattr(protocols, "run", lambda *a, **k: counted.append(1) or real_run(*a, **k))
+    assert main([*base, "--resume"]) == 0
+    assert len(counted) == 2 and (out / "results.md").is_file()  # only the two jobs that had not finished
+
+
+def test_version_and_device_auto(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("vlmtune ")
+    from vlmtune.backbones import resolve_device
+
+    assert resolve_device("auto") in ("cpu", "cuda", "mps")
+    assert main(["-q", "fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--device", "tpu9", "--no-cache"]) == 2
+    assert "unknown device" in _err(capsys)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import vlmtune.runs.runner as runner
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupt)
+    assert main(["fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--no-cache"]) == 130
+    assert _err(capsys) == "vlmtune: interrupted"
+
+
+def test_tour_compares_zero_shot_with_one_method_per_regime(tmp_path):
+    from vlmtune.runs.tour import QUICK, TourPlan, run_tour
+
+    assert {m for _, m, _ in QUICK.columns} >= {"zeroshot", "coop", "craft"}  # white box and black box
+    assert any(o.get("template") == "a photo of a {}." for _, m, o in QUICK.columns if m == "zeroshot")
+    plan = TourPlan(
+        "test",
+        (("toy:nonce-shapes", "made-up names"),),
+        (*QUICK.columns[:2], ("CraFT", "craft", {"budget": 22, "popsize": 10})),
+        (1,),
+    )
+    table = run_tour(plan, "toy", None, False, tmp_path)
+    assert "| toy:nonce-shapes | made-up names | 20.0 | 20.0 |" in table and (tmp_path / "results.md").is_file()

@@ -187,3 +187,33 @@ def test_base_to_new_on_caltech101_with_an_open_clip_vit(shared_data, openclip_t
     for row in rows.values():
         assert 0.0 <= row["base"] <= 100.0 and 0.0 <= row["new"] <= 100.0 and row["H"] is not None
     assert "| tmm | caltech101 |" in result.markdown()
+
+
+def test_prompt_learners_follow_the_token_embedding_scale(toy):
+    """A dual encoder whose token embeddings are 20x CLIP's (the same function as the toy model) trains like the
+    toy model once steps and init follow the embedding scale; with the papers' raw values it barely moves."""
+    from vlmtune.backbones.toy import ToyBackbone, bundled_weights_dir
+    from vlmtune.data import load_dataset
+    from vlmtune.methods._prompt import token_ratio, token_scale
+
+    class Scaled(ToyBackbone):
+        def embed_tokens(self, tokens):
+            return 20 * super().embed_tokens(tokens)
+
+        def _text_forward(self, embeds, eot_index):
+            return super()._text_forward(embeds / 20, eot_index)
+
+    big = Scaled.from_dir(bundled_weights_dir(), "toy-x20")
+    assert token_scale(toy) == 1.0  # CLIP-like scales keep the papers' values exactly
+    assert token_scale(big) == pytest.approx(20 * token_ratio(toy), rel=1e-4)
+    splits = load_dataset("toy:nonce-shapes")
+    options = {"n_ctx": 8, "epochs": 50}
+
+    def acc(backbone, **extra):
+        cfg = RunConfig(method="coop", dataset="toy:nonce-shapes", shots=4, options={**options, **extra})
+        return run(cfg, backbone=backbone, splits=splits, progress=False).accuracy["test"]
+
+    same_dynamics = acc(toy, token_scale=token_ratio(toy))
+    scaled = acc(big)
+    assert scaled == pytest.approx(same_dynamics, abs=1.0)
+    assert scaled >= acc(big, token_scale=1.0) + 20

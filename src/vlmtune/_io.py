@@ -37,8 +37,10 @@ def atomic_write(path: Path, write: Callable[[str], object], mode: int | None = 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
+        if mode is not None:
+            os.chmod(tmp, mode)  # before anything secret is written
         write(tmp)
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())  # writers may have replaced the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -247,8 +247,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 skipped += 1
         if not batch:
             continue
-        if box is not None:
-            ids = box.upload([f.read_bytes() for f in batch])
+        if box is not None:  # the files' own bytes where the service accepts the format, else PNG
+            from vlmtune.blackbox.api import image_bytes
+            from vlmtune.runs.runner import UPLOAD_SUFFIXES
+
+            data = [
+                f.read_bytes() if f.suffix.lower() in UPLOAD_SUFFIXES else image_bytes(im)
+                for f, im in zip(batch, images, strict=True)
+            ]
+            ids = box.upload(data)
             logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
         else:
             logits = clf.predict_images(backbone, torch.stack([backbone.preprocess(im) for im in images]))

@@ -7,6 +7,7 @@ download folder) or given as a file; offline, a cache miss raises ``WeightsNotAv
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,21 @@ import torch
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.errors import WeightsNotAvailable, require
+from vlmtune.errors import VlmtuneError, WeightsNotAvailable, require
+
+
+def _no_unpickling() -> dict[str, bool]:
+    """open_clip's switch for ``torch.load(weights_only=True)`` (``load_weights_only`` in 2.29-2.32, then
+    ``weights_only``): checkpoints are read as tensors only, never unpickled into arbitrary objects."""
+    import open_clip
+
+    params = inspect.signature(open_clip.create_model_and_transforms).parameters
+    name = next((n for n in ("weights_only", "load_weights_only") if n in params), None)
+    if name is None:
+        raise VlmtuneError(
+            f"open_clip {open_clip.__version__} cannot load weights safely: pip install 'open_clip_torch>=2.29'"
+        )
+    return {name: True}
 
 
 def _offline() -> bool:
@@ -93,13 +108,13 @@ class OpenClipBackbone(Backbone):
                 else:
                     try:
                         model, _, preprocess = open_clip.create_model_and_transforms(
-                            arch, pretrained=pretrained, device=device, cache_dir=cache_dir, weights_only=True
+                            arch, pretrained=pretrained, device=device, cache_dir=cache_dir, **_no_unpickling()
                         )
                     except Exception as exc:  # network errors come in many types
                         raise WeightsNotAvailable(spec, searched, f"download failed: {exc}") from exc
                     return cls(model, preprocess, open_clip.get_tokenizer(arch), spec)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=weights, device=device, weights_only=True
+            arch, pretrained=weights, device=device, **_no_unpickling()
         )
         return cls(model, preprocess, open_clip.get_tokenizer(arch), spec)
 

@@ -254,7 +254,7 @@ def _check_tokens(name: str, a: np.ndarray, max_tokens: int, width: int, limits:
         raise ValueError(f"{name} must have shape (C>=1, 1..{max_tokens}, {width}), got {tuple(a.shape)}")
     if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
         raise ValueError(f"{name} must be finite floats")
-    if np.abs(a).max() > limits.max_context_abs:
+    if float(np.abs(a).max()) > limits.max_context_abs:
         raise ValueError(f"{name} values must lie within +-{limits.max_context_abs:g}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -44,7 +45,10 @@ def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
     if len(data) > limits.max_image_bytes:
         raise ValueError(f"file of {len(data)} bytes; the limit is {limits.max_image_bytes}")
     try:
-        with Image.open(io.BytesIO(data), formats=list(limits.image_formats)) as im:
+        with warnings.catch_warnings():  # we check the size ourselves, with a lower limit than Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(limits.image_formats))
+        with im:
             w, h = im.size
             if w * h > limits.max_pixels:
                 raise ValueError(f"image of {w} x {h} pixels; the limit is {limits.max_pixels} pixels")

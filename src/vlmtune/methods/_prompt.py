@@ -33,6 +33,15 @@ TOKEN_SCALE_DOC = "context scale vs CLIP's token embeddings; none = measured (1 
 _PROBE_TEXT = "a photo of a dog, a cat, a car and a small red flower on the table."
 
 
+def token_ratio(backbone: Backbone) -> float:
+    """RMS of the backbone's token embeddings over CLIP's (measured on a probe sentence, without SOT/EOT)."""
+    tokens = backbone.tokenize([_PROBE_TEXT])
+    eot = int(backbone.eot_index(tokens)[0])
+    with torch.no_grad():
+        words = backbone.embed_tokens(tokens)[0, 1:eot].float()  # (T, W)
+    return float(words.pow(2).mean().sqrt()) / CLIP_TOKEN_RMS
+
+
 def token_scale(backbone: Backbone, given: float | None = None) -> float:
     """How much larger the backbone's token embeddings are than CLIP's (1.0 for CLIP-like scales).
 
@@ -42,11 +51,7 @@ def token_scale(backbone: Backbone, given: float | None = None) -> float:
     """
     if given is not None:
         return float(given)
-    tokens = backbone.tokenize([_PROBE_TEXT])
-    eot = int(backbone.eot_index(tokens)[0])
-    with torch.no_grad():
-        words = backbone.embed_tokens(tokens)[0, 1:eot].float()  # (T, W), without start and end tokens
-    ratio = float(words.pow(2).mean().sqrt()) / CLIP_TOKEN_RMS
+    ratio = token_ratio(backbone)
     if 1 / TOKEN_SCALE_BAND <= ratio <= TOKEN_SCALE_BAND:
         return 1.0
     log.warning(

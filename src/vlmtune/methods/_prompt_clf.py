@@ -18,7 +18,10 @@ from torch import nn
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
 from vlmtune.features.extract import FeatureSet
+from vlmtune.methods._options import method_config, option
 from vlmtune.methods._prompt import (
+    TOKEN_SCALE_DOC,
+    Position,
     PromptAssembler,
     Schedule,
     coop_epochs,
@@ -27,6 +30,20 @@ from vlmtune.methods._prompt import (
     train_sgd_cosine,
 )
 from vlmtune.methods.base import Classifier, Method, Task, TrainingHooks
+
+
+@method_config
+class ImagePromptConfig:
+    """The options of the prompt learners whose prompts depend on the image (CoCoOp, TMM), at their papers' defaults."""
+
+    n_ctx: int = option(4, "context vectors", ge=1)
+    ctx_init: str | None = option("a photo of a", "initial words (n_ctx must equal their token count); none = random")
+    position: Position = option("end", "class token position")
+    lr: float = option(0.002, "SGD learning rate at batch 1 (CLIP's token-embedding scale)", gt=0)
+    epochs: int | None = option(10, "epochs; none = by shots", ge=1)
+    batch_size: int = option(1, "images per step (the papers' 1; all B x K prompts in one text-tower pass)", ge=1)
+    scale_lr: bool = option(True, "batch_size > 1: lr x batch_size (linear scaling rule)")
+    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class PromptClassifier(Classifier):

@@ -15,22 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Position, mlp
-from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
+from vlmtune.methods._options import method_config
+from vlmtune.methods._prompt import mlp
+from vlmtune.methods._prompt_clf import ImagePromptConfig, PromptClassifier, PromptMethod
 from vlmtune.methods.base import register_method
 
 
 @method_config
-class CoCoOpConfig:
-    n_ctx: int = option(4, "context vectors", ge=1)
-    ctx_init: str | None = option("a photo of a", "initial words (n_ctx must equal their token count); none = random")
-    position: Position = option("end", "class token position")
-    lr: float = option(0.002, "SGD learning rate at batch 1 (CLIP's token-embedding scale)", gt=0)
-    epochs: int | None = option(10, "epochs; none = by shots", ge=1)
-    batch_size: int = option(1, "images per step (the paper's 1; all B x K prompts in one text-tower pass)", ge=1)
-    scale_lr: bool = option(True, "batch_size > 1: lr x batch_size (linear scaling rule)")
-    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
+class CoCoOpConfig(ImagePromptConfig):
+    """CoCoOp's defaults are those of the image-conditioned prompt learners (shared with TMM)."""
 
 
 class CoCoOpClassifier(PromptClassifier):

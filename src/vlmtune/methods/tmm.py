@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Position, mlp
-from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod
+from vlmtune.methods._prompt import mlp
+from vlmtune.methods._prompt_clf import ImagePromptConfig, PromptClassifier, PromptMethod
 from vlmtune.methods.base import register_method
 
 VARIANTS = ("attention", "mlp", "none")
@@ -38,18 +38,10 @@ Variant = Literal["attention", "mlp", "none"]
 
 
 @method_config
-class TMMConfig:
-    n_ctx: int = option(4, "context vectors", ge=1)
-    ctx_init: str | None = option("a photo of a", "initial words (n_ctx must equal their token count); none = random")
-    position: Position = option("end", "class token position")
+class TMMConfig(ImagePromptConfig):
     lam: float = option(0.2, "lambda of Eq. (11)", ge=0)
     ctp: Variant = option("attention", "class-aware text prompts: attention (CTP), mlp (MLP-PL) or none")
     tft: Variant = option("attention", "text-guided feature tuning: attention (TFT), mlp (MLP-FT) or none")
-    lr: float = option(0.002, "SGD learning rate at batch 1 (CLIP's token-embedding scale)", gt=0)
-    epochs: int | None = option(10, "epochs; none = by shots", ge=1)
-    batch_size: int = option(1, "images per step (the paper's 1; batched over images and classes)", ge=1)
-    scale_lr: bool = option(True, "batch_size > 1: lr x batch_size (linear scaling rule)")
-    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 def class_aware_prompts(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
