@@ -78,7 +78,7 @@ class LinearProbe(Method):
             loss.backward()
             opt.step()
             if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-                self.hooks.step(step + 1, cfg.steps, f"step (lambda {reg:g})", loss=float(loss.detach()))
+                self.hooks.step(step + 1, cfg.steps, "step", loss=float(loss.detach()), reg=reg)
         return clf
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:

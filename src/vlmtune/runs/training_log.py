@@ -55,13 +55,13 @@ class TrainingLog:
             for name, value in metrics.items():
                 self._tb.add_scalar(f"{unit}/{name}", value, step)
         if self.progress:
-            if unit != self._unit:
+            if unit != self._unit or self._bar is None or step <= self._bar.n:  # a new phase (or a new sweep)
                 if self._bar is not None:
                     self._bar.close()
                 self._bar = tqdm(total=total, desc=f"{self.desc} ({unit}s)", unit=unit, leave=False)
                 self._unit = unit
             self._bar.update(step - self._bar.n)
-            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in (*PLOTTED, "queries")}
+            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in (*PLOTTED, "queries", "reg")}
             self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
@@ -82,10 +82,17 @@ class TrainingLog:
         fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 3.4), dpi=110, squeeze=False)
         for ax, unit in zip(axes[0], units, strict=True):
             rows = [r for r in self.rows if r["unit"] == unit]
-            for name in PLOTTED:
-                points = [(r["step"], r[name]) for r in rows if name in r]
-                if points:
-                    ax.plot(*zip(*points, strict=True), label=name.replace("_", " "))
+            sweeps: list[list[dict[str, Any]]] = []  # runs of increasing steps (e.g. one per lambda of a probe)
+            for r in rows:
+                if not sweeps or r["step"] <= sweeps[-1][-1]["step"]:
+                    sweeps.append([])
+                sweeps[-1].append(r)
+            for sweep in sweeps:
+                tag = f" (reg {sweep[0]['reg']:g})" if "reg" in sweep[0] else ""
+                for name in PLOTTED:
+                    points = [(r["step"], r[name]) for r in sweep if name in r]
+                    if points:
+                        ax.plot(*zip(*points, strict=True), label=name.replace("_", " ") + tag)
             ax.set_xlabel(unit)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
