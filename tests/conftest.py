@@ -119,7 +119,7 @@ def toy_setup(toy):
 
 
 @contextlib.contextmanager
-def running_server(app, header_timeout: float = 10.0, max_connections: int = 128):
+def running_server(app, header_timeout: float = 10.0, max_connections: int = 512):
     """Serve an ASGI app on a free loopback port in a thread; yields its URL."""
     import threading
     import time

@@ -228,7 +228,7 @@ def server_config(
     host: str,
     port: int,
     header_timeout: float = 10.0,
-    max_connections: int = 128,
+    max_connections: int = 512,
     log_level: str = "warning",
 ) -> Any:
     """A uvicorn config that drops connections which do not send a request head within ``header_timeout``
