@@ -11,7 +11,8 @@ import torch
 
 os.environ.setdefault("VLMTUNE_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist workers share the 2 cores: one thread each (else two threads, as on the CI machine)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VLMTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
