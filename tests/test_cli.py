@@ -341,3 +341,14 @@ def test_tour_compares_zero_shot_with_one_method_per_regime(tmp_path):
     )
     table = run_tour(plan, "toy", None, False, tmp_path)
     assert "| toy:nonce-shapes | made-up names | 20.0 | 20.0 |" in table and (tmp_path / "results.md").is_file()
+
+
+def test_a_hard_query_limit_below_the_method_budget_ends_cleanly(tmp_path, capsys):
+    """`--query-budget 100 --set budget=400` used to crash with a traceback and lose the run."""
+    out = tmp_path / "craft"
+    args = ["-q", "fit", "--method", "craft", "--dataset", "toy:shapes-sketch", "--shots", "1", "--out", str(out)]
+    opts = ["--query-budget", "100", "--set", "budget=400", "--set", "popsize=10", "--set", "subspace=16"]
+    assert main([*args, *opts, "--no-cache"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["queries"] <= 100 and any("allows 100 queries" in n for n in results["notes"])
+    assert "allows 100 queries" in capsys.readouterr().out and (out / "adapter" / "adapter.json").is_file()
