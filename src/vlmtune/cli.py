@@ -214,7 +214,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = _collect_images(args.images)
     box, backbone = None, None
     if hasattr(clf, "predict_blackbox"):
-        from vlmtune.blackbox.api import ImageRefs
+        from vlmtune.blackbox.api import ImageRefs, upload_bytes
 
         service = args.service or meta.get("service")
         if service:  # the adapter's prompt and head, the service's model
@@ -248,13 +248,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not batch:
             continue
         if box is not None:  # the files' own bytes where the service accepts the format, else PNG
-            from vlmtune.blackbox.api import image_bytes
-            from vlmtune.runs.runner import UPLOAD_SUFFIXES
-
-            data = [
-                f.read_bytes() if f.suffix.lower() in UPLOAD_SUFFIXES else image_bytes(im)
-                for f, im in zip(batch, images, strict=True)
-            ]
+            data = [upload_bytes(f, lambda im=im: im) for f, im in zip(batch, images, strict=True)]
             ids = box.upload(data)
             logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
         else:

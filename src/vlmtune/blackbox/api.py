@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -28,6 +30,17 @@ def image_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+UPLOAD_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # the formats a service decodes (ServiceLimits)
+
+
+def upload_bytes(path: str | Path | None, image: Callable[[], Image.Image]) -> bytes:
+    """What to upload for one image: its file's own bytes where the service accepts the format (no re-encoding of
+    a 200 KB JPEG into a 1 MB PNG), else ``image()`` as PNG."""
+    if path is not None and Path(path).suffix.lower() in UPLOAD_SUFFIXES:
+        return Path(path).read_bytes()
+    return image_bytes(image())
 
 
 class BudgetExceeded(RuntimeError):

@@ -197,7 +197,7 @@ def create_app(
         contexts, visual = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
         req = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual)
         binary = BINARY in request.headers.get("accept", "")
-        req.validate(kbox.info())
+        req.validate(kbox.info())  # limits first (400), then the JSON reply size (413): nothing is charged before
         if not binary and 4 * req.n_values > MAX_ARRAY_BYTES:  # refused before any charge
             raise HTTPException(413, f"a JSON reply holds at most {MAX_ARRAY_BYTES // 4} scores: ask for {BINARY}")
         scores = kbox.predict(req)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vlmtune._io import atomic_write
 from vlmtune.backbones import load_backbone
 from vlmtune.backbones.base import Backbone, Capability
-from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, image_bytes
+from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, upload_bytes
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
 from vlmtune.errors import VlmtuneError
@@ -42,7 +42,6 @@ from vlmtune.runs.report import markdown_table
 from vlmtune.runs.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
-UPLOAD_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 RUN_MARKERS = ("config.json", "results.json", "adapter", "state")
 
 
@@ -98,22 +97,26 @@ class RunConfig:
 @dataclass
 class RunResult:
     config: RunConfig
-    accuracy: dict[str, float]  # split -> top-1 accuracy (%)
+    metrics: dict[str, dict[str, float]]  # split -> acc1 / acc5 / mean per-class recall (%)
     n_train: int
     fit_seconds: float
     classifier: Classifier
-    method_config: dict[str, Any]
+    method_config: dict[str, Any] = field(default_factory=dict)
     queries: int | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> acc1 / acc5 / mean recall
     shots_used: dict[str, int] | None = None  # smallest and largest number of training images of a class
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """split -> top-1 accuracy (%)."""
+        return {split: m["acc1"] for split, m in self.metrics.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_json(),
             "method_config": self.method_config,
-            "accuracy": {k: round(v, 2) for k, v in self.accuracy.items()},
+            "accuracy": self.accuracy,  # acc1, already rounded to 2 decimals
             "metrics": self.metrics,
             "n_train": self.n_train,
             "shots_used": self.shots_used,
@@ -154,15 +157,14 @@ def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetS
     if cfg.shots <= 0:
         return split
     picked = few_shot(split, cfg.shots, cfg.seed)
-    counts = _shot_counts(picked)
-    if counts["min"] < cfg.shots:
-        short = int((np.bincount(picked.labels, minlength=picked.num_classes) < cfg.shots).sum())
+    counts = np.bincount(picked.labels, minlength=picked.num_classes)
+    if counts.min() < cfg.shots:
         log.warning(
             "--shots %d: %d of %d classes have fewer training images (the smallest %d); they give all they have",
             cfg.shots,
-            short,
+            int((counts < cfg.shots).sum()),
             picked.num_classes,
-            counts["min"],
+            int(counts.min()),
         )
     return picked
 
@@ -308,27 +310,13 @@ def _run_features(
     metrics = classification_metrics(*split_logits(classifier, backbone, test, source, progress))
     n_train = len(train_split) if train_split is not None else 0
     shots = _shot_counts(train_split) if train_split is not None else None
-    return RunResult(
-        cfg,
-        {"test": metrics["acc1"]},
-        n_train,
-        fit_seconds,
-        classifier,
-        {},
-        metrics={"test": metrics},
-        shots_used=shots,
-    )
+    return RunResult(cfg, {"test": metrics}, n_train, fit_seconds, classifier, shots_used=shots)
 
 
 def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
     """Upload a split's images to a black box (the files' own bytes where the format is accepted, else PNG)."""
-    data: list[bytes] = []
-    for i in tqdm(range(len(split)), desc=f"reading {split.dataset}/{split.split}", disable=not progress, leave=False):
-        path = split.file_path(i)
-        if path is not None and os.path.splitext(path)[1].lower() in UPLOAD_SUFFIXES:
-            data.append(Path(path).read_bytes())
-        else:
-            data.append(image_bytes(split.image(i)))
+    reading = tqdm(range(len(split)), desc=f"reading {split.dataset}/{split.split}", disable=not progress, leave=False)
+    data = [upload_bytes(split.file_path(i), lambda i=i: split.image(i)) for i in reading]
     ids: list[str] = []
     for start in tqdm(range(0, len(data), 256), desc="uploading", unit="batch", disable=not progress, leave=False):
         ids += box.upload(data[start : start + 256])
@@ -376,6 +364,7 @@ def _run_black_box(
     """A black-box method sees only a box: a local one (test scored through a separate, unmetered box) or the
     service at ``cfg.service`` (test scored through it as well: one query per request)."""
     train_split = train_split_for(splits, cfg)
+    test_split = base_new_split(splits["test"], cfg.subsample)
     box_options = method.box_options()
     if cfg.service is not None:
         from vlmtune.blackbox.client import HttpBlackBox
@@ -383,7 +372,7 @@ def _run_black_box(
         if cfg.curve_every:
             raise VlmtuneError("--curve-every is not available with --service (every test scoring would be charged)")
         eval_box: BlackBoxVLM = HttpBlackBox(cfg.service, api_key or os.environ.get("VLMTUNE_API_KEY", ""))
-        box = _Reserved(eval_box, _scoring_queries(eval_box, base_new_split(splits["test"], cfg.subsample)))
+        box = _Reserved(eval_box, _scoring_queries(eval_box, test_split))
     else:
         assert backbone is not None
         used = journal.queries if journal else 0
@@ -391,34 +380,24 @@ def _run_black_box(
         eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
     method.hooks.journal = journal
     task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
-    test = upload_split(eval_box, base_new_split(splits["test"], cfg.subsample), progress)
+    test = upload_split(eval_box, test_split, progress)
     curve: list[tuple[int, float]] = []
     if cfg.curve_every:
         method.hooks.monitor_every = cfg.curve_every
         method.hooks.monitor = lambda used, clf: curve.append(
             (used, classification_metrics(clf.predict_blackbox(eval_box, test), test.labels)["acc1"])
         )
-    replayed = journal.queries if journal is not None else 0  # spent before a resume (the box counts them too)
-    used_before = box.usage().used - (replayed if cfg.service is None else 0)
+    replayed = journal.queries if journal is not None else 0  # spent before a resume, replayed without queries
+    used_before = box.usage().used
     start = time.perf_counter()
     classifier = method.fit(box, task, generator=generator)
     fit_seconds = time.perf_counter() - start
-    queries = box.usage().used - used_before + (replayed if cfg.service is not None else 0)
+    queries = box.usage().used - used_before + replayed
     if journal is not None:
         journal.flush()
     metrics = classification_metrics(classifier.predict_blackbox(eval_box, test), test.labels)
-    return RunResult(
-        cfg,
-        {"test": metrics["acc1"]},
-        len(train_split),
-        fit_seconds,
-        classifier,
-        {},
-        queries,
-        curve,
-        metrics={"test": metrics},
-        shots_used=_shot_counts(train_split),
-    )
+    shots = _shot_counts(train_split)
+    return RunResult(cfg, {"test": metrics}, len(train_split), fit_seconds, classifier, {}, queries, curve, shots)
 
 
 def write_run_dir(folder: Path, result: RunResult) -> None:
