@@ -71,6 +71,10 @@ FAST_OPTIONS = {
     "cocoop": {"epochs": 1, "batch_size": 16},
     "tmm": {"epochs": 1, "batch_size": 16},
     "tip_adapter_f": {"epochs": 3},
+    "upl": {"epochs": 5, "n_ctx": 4},
+    "ifpl": {"iterations": 2, "epochs": 3, "n_ctx": 4},
+    "grip": {"iterations": 2, "epochs": 3, "n_ctx": 4},
+    "cpl": {"iterations": 2, "epochs": 3, "n_ctx": 4},
 }
 
 

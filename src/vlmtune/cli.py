@@ -100,9 +100,9 @@ def _fit_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from vlmtune.runs.runner import open_cache, run
+    from vlmtune.runs.runner import open_cache, run, with_shots
 
-    cfg = _fit_config(args)
+    cfg = with_shots(_fit_config(args))
     name = cfg.dataset.replace(":", "_").replace("/", "_").strip("_")
     out = Path(args.out or f"runs/{cfg.method}-{name}-{cfg.shots}shot-seed{cfg.seed}")
     result = run(
@@ -281,11 +281,15 @@ def _method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
+    from vlmtune.runs import protocols
     from vlmtune.runs.protocols import ProtocolSettings, base_to_new, few_shot_sweep, transfer
     from vlmtune.runs.runner import open_cache
 
-    shots = args.shots or ([1, 2, 4, 8, 16] if args.kind == "few-shot" else [16])
-    if args.kind != "few-shot" and len(shots) != 1:
+    sweep = args.kind in protocols.SWEEPS
+    shots = args.shots or ([1, 2, 4, 8, 16] if sweep else [16])
+    if args.kind == "unsupervised" and args.shots:
+        raise VlmtuneError("unsupervised takes no --shots (semi-supervised: labelled shots + the rest unlabelled)")
+    if not sweep and len(shots) != 1:
         raise VlmtuneError(f"{args.kind} takes one --shots value")
     if any(k < 1 for k in shots):
         raise VlmtuneError("--shots values must be >= 1")
@@ -307,6 +311,10 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     try:
         if args.kind == "few-shot":
             result = few_shot_sweep(args.methods, args.dataset, shots, args.seeds, settings)
+        elif args.kind == "semi-supervised":
+            result = protocols.semi_supervised(args.methods, args.dataset, shots, args.seeds, settings)
+        elif args.kind == "unsupervised":
+            result = protocols.unsupervised(args.methods, args.dataset, args.seeds, settings)
         elif args.kind == "base-to-new":
             result = base_to_new(args.methods, args.dataset, shots[0], args.seeds, settings)
         else:
@@ -416,7 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="registered method (vlmtune list methods)")
     p.add_argument("--dataset", default=None, help="dataset name, toy:<task> or folder:<path>")
     p.add_argument("--config", default=None, help="re-run a run: its config.json (other flags override it)")
-    p.add_argument("--shots", type=int, default=None, help="labelled images per class (default 16; 0 = all)")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="labelled images per class (default 16; 0 = all; label-free methods: default 0 = unsupervised, "
+        "k = semi-supervised with k labelled per class)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the few-shot pick and the method (default 1)")
     p.add_argument("--subsample", choices=("all", "base", "new"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
@@ -484,17 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "protocol",
-        help="evaluation protocols: few-shot sweep, base-to-new, transfer (cross-dataset / domain generalisation)",
+        help="evaluation protocols: few-shot sweep, base-to-new, transfer (cross-dataset / domain generalisation), "
+        "unsupervised and semi-supervised (label-free methods)",
         description="Run methods under one of the papers' protocols and write JSON, CSV, a Markdown table of "
         "mean ± std over seeds (and, for few-shot, a plot of accuracy vs shots). Each finished job is kept in "
         "<out>/jobs.jsonl; --resume skips those. Examples:\n"
         "  vlmtune protocol few-shot --methods zeroshot coop tmm --dataset toy:shapes-sketch --jobs 2\n"
         "  vlmtune protocol base-to-new --methods coop cocoop tmm --dataset toy:shapes-sketch\n"
         "  vlmtune protocol transfer --methods coop tmm --dataset toy:toynet "
-        "--targets toy:toynet-v2 toy:toynet-sketch",
+        "--targets toy:toynet-v2 toy:toynet-sketch\n"
+        "  vlmtune protocol unsupervised --methods zeroshot upl grip --dataset toy:toynet-noisy-pool "
+        "--set upl.n_ctx=8 --set grip.n_ctx=8\n"
+        "  vlmtune protocol semi-supervised --methods upl grip --dataset toy:shapes-noisy-pool --shots 1 4 16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("kind", choices=("few-shot", "base-to-new", "transfer"))
+    p.add_argument("kind", choices=("few-shot", "base-to-new", "transfer", "unsupervised", "semi-supervised"))
     _common(p)
     p.add_argument(
         "--methods",
@@ -505,7 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="the dataset trained on (transfer: the source)")
     p.add_argument("--targets", nargs="+", default=[], help="transfer: datasets to test on")
     p.add_argument(
-        "--shots", type=int, nargs="+", default=None, help="few-shot: the sweep (default 1 2 4 8 16); others: one (16)"
+        "--shots",
+        type=int,
+        nargs="+",
+        default=None,
+        help="few-shot / semi-supervised: the sweep (default 1 2 4 8 16); unsupervised: none; others: one (16)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option (repeatable)")

@@ -37,6 +37,31 @@ class FeatureSet:
         patches = self.patches[index] if self.patches is not None else None
         return FeatureSet(self.features[index], self.labels[index], patches)
 
+    def without_labels(self) -> UnlabeledFeatures:
+        """The same features with the labels gone (what label-free methods receive)."""
+        return UnlabeledFeatures(self.features, self.patches)
+
+
+@dataclass(frozen=True)
+class UnlabeledFeatures:
+    """L2-normalised image features of unlabelled images: there is no ``labels`` attribute to peek at.
+
+    Attributes:
+        features: (N, D) pooled image features.
+        patches: (N, P, D) patch / spatial features, when asked for.
+    """
+
+    features: torch.Tensor
+    patches: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def with_labels(self, index: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
+        """The images at ``index`` (M,) as a labelled set with the given (pseudo-)labels (M,)."""
+        patches = self.patches[index] if self.patches is not None else None
+        return FeatureSet(self.features[index], labels.to(torch.long), patches)
+
 
 def feature_key(backbone: Backbone, split: DatasetSplit, patches: bool) -> FeatureKey:
     return FeatureKey(

@@ -173,7 +173,12 @@ def init_context(
 
 @dataclass(frozen=True)
 class Schedule:
-    """SGD with momentum, a constant warm-up epoch, then cosine decay (CoOp / CoCoOp / TMM)."""
+    """SGD with momentum, warm-up, then cosine decay.
+
+    ``warmup="constant"``: ``warmup_epochs`` at ``warmup_lr``, then cosine over the whole schedule (Dassl's
+    ConstantWarmupScheduler: CoOp / CoCoOp / TMM / UPL). ``"linear"``: the rate rises linearly from 0 to ``lr`` over
+    ``warmup_epochs``, then cosine over the remaining epochs (IFPL / GRIP's WarmupCosineSchedule, CPL).
+    """
 
     lr: float = 0.002
     epochs: int = 10
@@ -182,6 +187,15 @@ class Schedule:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    warmup: Literal["constant", "linear"] = "constant"
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr if self.warmup == "constant" else self.lr * epoch / self.warmup_epochs
+        if self.warmup == "constant":
+            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
+        done = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * done))
 
 
 def train_sgd_cosine(
@@ -191,15 +205,13 @@ def train_sgd_cosine(
     schedule: Schedule,
     generator: torch.Generator,
     hooks: TrainingHooks | None = None,
+    on_epoch: Callable[[int], dict[str, float] | None] | None = None,
 ) -> None:
     """Minimise ``loss_fn(batch_index)`` over shuffled mini-batches of range(n) with ``schedule``; each epoch's
-    mean loss goes to ``hooks.step`` (progress bar, training log)."""
+    mean loss (and what ``on_epoch(epoch)`` returns, e.g. a validation accuracy) goes to ``hooks.step``."""
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     for epoch in range(schedule.epochs):
-        if epoch < schedule.warmup_epochs:
-            lr = schedule.warmup_lr
-        else:  # cosine over the whole schedule (Dassl's ConstantWarmupScheduler wraps CosineAnnealingLR)
-            lr = 0.5 * schedule.lr * (1 + math.cos(math.pi * epoch / schedule.epochs))
+        lr = schedule.lr_at(epoch)
         for group in opt.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=generator)
@@ -210,8 +222,9 @@ def train_sgd_cosine(
             loss.backward()
             opt.step()
             total, batches = total + float(loss.detach()), batches + 1
+        extra = (on_epoch(epoch) if on_epoch is not None else None) or {}
         if hooks is not None:
-            hooks.step(epoch + 1, schedule.epochs, "epoch", loss=total / max(1, batches), lr=lr)
+            hooks.step(epoch + 1, schedule.epochs, "epoch", loss=total / max(1, batches), lr=lr, **extra)
 
 
 def cosine_logits(scale: float, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

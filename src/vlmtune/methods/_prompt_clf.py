@@ -8,7 +8,7 @@ fit time or after loading (``bind``); the saved artifact holds only the learned 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -148,6 +148,62 @@ class PromptClassifier(Classifier):
         return clf
 
 
+def new_prompt_classifier(
+    cls: type[PromptClassifier],
+    backbone: Backbone,
+    classnames: Sequence[str],
+    settings: dict[str, Any],
+    ctx_init: str | None,
+    generator: torch.Generator,
+) -> PromptClassifier:
+    """``cls`` at its initial state: context by CoOp's rule, head by torch's default init from ``generator``.
+    ``settings["token_scale"]`` (see ``token_scale``) puts the context in CLIP's units."""
+    classes = len(classnames) if settings.get("csc") else 0
+    ctx = init_context(backbone, settings["n_ctx"], ctx_init, generator, classes, scale=settings["token_scale"])
+    settings = {**settings, "scale": backbone.logit_scale}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        head = cls.build_head(settings)  # default init, drawn from a seed of the run's generator
+    return cls(classnames, ctx, settings, head).bind(backbone)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CPL's "cc" loss: -log sum_j p_j * y_j for soft candidate targets y (B, K) that sum to 1."""
+    return -(logits.softmax(dim=-1) * targets).sum(dim=-1).clamp_min(1e-12).log().mean()
+
+
+def train_prompt_classifier(
+    clf: PromptClassifier,
+    backbone: Backbone,
+    train: FeatureSet,
+    schedule: Schedule,
+    generator: torch.Generator,
+    hooks: TrainingHooks | None = None,
+    targets: torch.Tensor | None = None,
+    on_epoch: Callable[[int], dict[str, float] | None] | None = None,
+) -> PromptClassifier:
+    """Train ``clf`` on ``train``'s features with cross-entropy on its labels (or the soft-target loss on
+    ``targets`` (N, K)) under ``schedule``; the backbone stays frozen."""
+    if len(train) == 0:
+        raise ValueError(f"{clf.method} needs training features")
+    if clf.needs_patches and train.patches is None:
+        raise ValueError(f"{clf.method} needs patch features of the training images")
+    device = backbone.device
+    feats, labels = train.features.to(device).float(), train.labels.to(device)
+    patches = train.patches.to(device).float() if clf.needs_patches and train.patches is not None else None
+    soft = targets.to(device).float() if targets is not None else None
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        logits = clf.forward_logits(feats[idx], patches[idx] if patches is not None else None)
+        return soft_cross_entropy(logits, soft[idx]) if soft is not None else F.cross_entropy(logits, labels[idx])
+
+    clf.train()
+    with backbone.frozen():
+        train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator, hooks, on_epoch)
+    clf.eval()
+    return clf
+
+
 def fit_prompt_classifier(
     cls: type[PromptClassifier],
     backbone: Backbone,
@@ -158,33 +214,12 @@ def fit_prompt_classifier(
     generator: torch.Generator,
     hooks: TrainingHooks | None = None,
 ) -> PromptClassifier:
-    """Initialise ``cls`` (context by CoOp's rule, head by torch's default init from ``generator``) and train it
-    with cross-entropy on the task's training features under ``schedule``; the backbone stays frozen.
-    ``settings["token_scale"]`` (see ``token_scale``) puts the context in CLIP's units."""
+    """A new ``cls`` trained with cross-entropy on the task's labelled training features."""
     train = task.train
     if not isinstance(train, FeatureSet) or len(train) == 0:
         raise ValueError(f"{cls.method} needs labelled training features")
-    if cls.needs_patches and train.patches is None:
-        raise ValueError(f"{cls.method} needs patch features of the training images")
-    classes = len(task.classnames) if settings.get("csc") else 0
-    ctx = init_context(backbone, settings["n_ctx"], ctx_init, generator, classes, scale=settings["token_scale"])
-    settings = {**settings, "scale": backbone.logit_scale}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        head = cls.build_head(settings)  # default init, drawn from a seed of the run's generator
-    clf = cls(task.classnames, ctx, settings, head).bind(backbone)
-    device = backbone.device
-    feats, labels = train.features.to(device).float(), train.labels.to(device)
-    patches = train.patches.to(device).float() if cls.needs_patches and train.patches is not None else None
-
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        p = patches[idx] if patches is not None else None
-        return F.cross_entropy(clf.forward_logits(feats[idx], p), labels[idx])
-
-    with backbone.frozen():
-        train_sgd_cosine(list(clf.parameters()), loss_fn, len(labels), schedule, generator, hooks)
-    clf.eval()
-    return clf
+    clf = new_prompt_classifier(cls, backbone, task.classnames, settings, ctx_init, generator)
+    return train_prompt_classifier(clf, backbone, train, schedule, generator, hooks)
 
 
 def schedule_for(cfg: Any, task: Task, paper_batch: int) -> Schedule:

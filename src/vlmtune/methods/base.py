@@ -26,10 +26,11 @@ from vlmtune.methods._options import build_config
 if TYPE_CHECKING:  # black-box methods import this module: it must not pull in model code at run time
     from vlmtune.backbones.base import Backbone
     from vlmtune.blackbox.api import ImageRefs
-    from vlmtune.features.extract import FeatureSet
+    from vlmtune.features.extract import FeatureSet, UnlabeledFeatures
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
+PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor], None]  # (round, kind, indices, labels)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TrainingHooks:
         on_step: receives training progress (step, total, unit, metrics such as loss): the runner's progress bar,
             training log and loss plot.
         notes: what the method wants the user told at the end (e.g. that a hard query limit stopped it early).
+        on_pseudo_labels: receives a label-free method's pseudo-labels (see ``pseudo_labels``): the runner, which
+            alone holds the hidden labels, measures their accuracy and class coverage.
     """
 
     monitor: Callable[[int, Classifier], None] | None = None
@@ -50,11 +53,19 @@ class TrainingHooks:
     journal: Any = None
     on_step: StepFn | None = None
     notes: list[str] = field(default_factory=list)
+    on_pseudo_labels: PseudoFn | None = None
 
     def step(self, step: int, total: int, unit: str, **metrics: float) -> None:
         """Report progress: ``step`` of ``total`` ``unit``s done, with metrics (``loss=...``)."""
         if self.on_step is not None:
             self.on_step(step, total, unit, {k: float(v) for k, v in metrics.items()})
+
+    def pseudo_labels(self, round: int, kind: str, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """Report the pseudo-labels ``labels`` (M,) a label-free method gave the unlabelled images at ``indices``
+        (M,) in ``round`` (0 = from the zero-shot model); ``kind`` is ``"all"`` (every image) or ``"selected"``
+        (the set it trains on)."""
+        if self.on_pseudo_labels is not None:
+            self.on_pseudo_labels(round, kind, indices.detach().cpu().long(), labels.detach().cpu().long())
 
     def note(self, text: str) -> None:
         """Tell the user something about this run (logged now, recorded in the results)."""
@@ -69,16 +80,17 @@ class Task:
     Attributes:
         classnames: class names in label order.
         templates: prompt templates (the first is the dataset's default).
-        train: labelled training features (few-shot regimes; uploaded image ids for black-box methods), or None.
+        train: labelled training features (few-shot regimes; uploaded image ids for black-box methods; the
+            labelled shots of the semi-supervised regime), or None.
         val: labelled validation features for model selection, or None. Never test data.
-        unlabeled: unlabelled features (label-free regimes), or None.
+        unlabeled: features of unlabelled images (label-free regimes): no labels exist in it, or None.
     """
 
     classnames: list[str]
     templates: list[str]
     train: FeatureSet | ImageRefs | None = None
     val: FeatureSet | ImageRefs | None = None
-    unlabeled: FeatureSet | None = None
+    unlabeled: UnlabeledFeatures | None = None
 
     @property
     def num_classes(self) -> int:
@@ -158,7 +170,8 @@ class Method(ABC):
     capability: ClassVar[Capability]
     config_cls: ClassVar[type]
     classifier: ClassVar[type[Classifier]]
-    needs_labels: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True  # False: label-free (gets ``Task.unlabeled``; labelled shots only if asked)
+    default_shots: ClassVar[int] = 16  # labelled shots per class when the run names none (label-free: 0)
     needs_train: ClassVar[bool] = True  # False: fits from class names alone (zero-shot)
     needs_patches: ClassVar[bool] = False  # the runner extracts patch features too
     supports_new_classes: ClassVar[bool] = False
@@ -196,7 +209,19 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
-BUILTIN_METHODS = ("zeroshot", "linear_probe", "tip_adapter", "coop", "cocoop", "tmm", "bbt", "craft")
+BUILTIN_METHODS = (
+    "zeroshot",
+    "linear_probe",
+    "tip_adapter",
+    "coop",
+    "cocoop",
+    "tmm",
+    "bbt",
+    "craft",
+    "upl",
+    "fpl",
+    "cpl",
+)
 
 
 def _ensure_loaded() -> None:

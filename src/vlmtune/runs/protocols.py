@@ -3,7 +3,10 @@
 - ``few_shot_sweep``: shots x seeds, test accuracy (TMM Table 2, CoOp's curves);
 - ``base_to_new``: train on the base half of the classes, test on base and on new classes, harmonic mean (Table 1);
 - ``transfer``: train on a source dataset, test on targets: other datasets (cross-dataset, Table 3) or the
-  source's shifted variants with the same classes (domain generalisation, Table 4).
+  source's shifted variants with the same classes (domain generalisation, Table 4);
+- ``unsupervised``: label-free methods on the train split without its labels -> test accuracy, with the
+  runner-measured accuracy of the final pseudo-labels, beside paper 003's Table 1;
+- ``semi_supervised``: k labelled shots per class plus the rest of the train split unlabelled (paper 003 Fig. 2).
 
 Model selection happens inside ``run`` on validation shots only; test splits are only scored. Each protocol
 returns a ``ProtocolResult`` (rows of per-seed numbers) that writes JSON, CSV, a Markdown table of mean ± std and,
@@ -36,6 +39,7 @@ from vlmtune.data.fewshot import base_new_split
 from vlmtune.features.cache import FeatureCache
 from vlmtune.methods.base import get_method, make_config
 from vlmtune.metrics import harmonic_mean
+from vlmtune.runs.paper_tables import paper_003
 from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
 from vlmtune.runs.runner import FeatureSource, RunConfig, run, score_split
@@ -51,6 +55,7 @@ class ProtocolResult:
     protocol: str
     columns: list[str]  # metric names, in table order
     rows: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, tuple[str, str]] = field(default_factory=dict)  # method -> (column title, paper number)
 
     def add(self, method: str, setting: str, seed: int, metrics: dict[str, float | None]) -> None:
         self.rows.append({"method": method, "setting": setting, "seed": seed, **metrics})
@@ -69,9 +74,15 @@ class ProtocolResult:
         return statistics.mean(self.values(method, setting, column))
 
     def markdown(self) -> str:
-        """Mean ± std over seeds; a few-shot sweep as one row per method and one column per shot count."""
-        if self.protocol != "few-shot":
-            return markdown_table(["method", "setting", *self.columns], self.summary())
+        """Mean ± std over seeds; a shot sweep as one row per method and one column per shot count; the
+        papers' numbers in a last column where ``reference`` has them."""
+        if self.protocol not in SWEEPS:
+            rows = self.summary()
+            if not self.reference:
+                return markdown_table(["method", "setting", *self.columns], rows)
+            title = next(iter(self.reference.values()))[0]
+            rows = [[*r, self.reference.get(r[0], ("", ""))[1]] for r in rows]
+            return markdown_table(["method", "setting", *self.columns, title], rows)
         cells = {(m, s): c for m, s, c in self.summary()}
         shots = sorted({int(s) for _, s in cells}, key=int)
         methods = list(dict.fromkeys(m for m, _ in cells))
@@ -87,9 +98,12 @@ class ProtocolResult:
             writer.writeheader()
             writer.writerows(self.rows)
         (folder / "results.md").write_text(self.markdown() + "\n")
-        if self.protocol == "few-shot":
+        if self.protocol in SWEEPS:
             _plot_sweep(self, folder / "accuracy_vs_shots.png")
         return folder
+
+
+SWEEPS = ("few-shot", "semi-supervised")  # protocols whose setting is a shot count
 
 
 def _plot_sweep(result: ProtocolResult, path: Path) -> None:
@@ -110,7 +124,7 @@ def _plot_sweep(result: ProtocolResult, path: Path) -> None:
         ax.fill_between(shots, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)  # ± std over seeds
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_shots), [str(s) for s in sorted(all_shots)])
-    ax.set_xlabel("shots per class")
+    ax.set_xlabel("labelled shots per class" + (" (+ the rest unlabelled)" if result.protocol != "few-shot" else ""))
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -193,6 +207,8 @@ class _Context:
         )
         res = run(cfg, cache=self.cache, progress=False, backbone=self.backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}
+        selected = [r for r in res.pseudo_labels if r["kind"] == "selected"]
+        out["pseudo_labels"] = selected[-1]["accuracy"] if selected else None  # measured against hidden labels
         for column, dataset, subsample in job.targets:
             split = self.data(dataset)["test"]
             out[column] = self.score(res.classifier, split if subsample == "all" else base_new_split(split, subsample))
@@ -309,7 +325,7 @@ def few_shot_sweep(
     jobs = [_Job(m, dataset, k, s) for m in methods for k in shots for s in seeds]
     result = ProtocolResult("few-shot", ["test"])
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"few-shot {dataset}"):
-        result.add(job.label, str(job.shots), job.seed, metrics)
+        result.add(job.label, str(job.shots), job.seed, {"test": metrics["test"]})
     return result
 
 
@@ -344,4 +360,39 @@ def transfer(
     result = ProtocolResult("transfer", [source, *targets])
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"transfer from {source}"):
         result.add(job.label, f"{source} ->", job.seed, {source: metrics["test"], **{t: metrics[t] for t in targets}})
+    return result
+
+
+def unsupervised(
+    methods: Sequence[str],
+    dataset: str,
+    seeds: Sequence[int] = (1, 2, 3),
+    settings: ProtocolSettings | None = None,
+) -> ProtocolResult:
+    """Label-free methods on the train split without labels -> test accuracy, and the accuracy of the pseudo-labels
+    each trained on last (measured by the runner); paper 003's Table 1 beside (paper 004's Table 1 joins later)."""
+    for m in methods:
+        if get_method(m.partition("=")[2] or m).needs_labels:
+            raise ValueError(f"{m} needs labels: the unsupervised protocol runs label-free methods (and zeroshot)")
+    jobs = [_Job(m, dataset, 0, s) for m in methods for s in seeds]
+    result = ProtocolResult("unsupervised", ["test", "pseudo_labels"])
+    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"unsupervised {dataset}"):
+        result.add(job.label, dataset, job.seed, metrics)
+        result.reference[job.label] = ("paper 003 Table 1 (ViT-B/16)", paper_003(job.name, dataset))
+    return result
+
+
+def semi_supervised(
+    methods: Sequence[str],
+    dataset: str,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (1, 2, 3),
+    settings: ProtocolSettings | None = None,
+) -> ProtocolResult:
+    """k labelled shots per class plus the rest of the train split unlabelled (label-free methods), or the k shots
+    alone (few-shot methods, for comparison) -> test accuracy per method x k x seed (paper 003 Fig. 2)."""
+    jobs = [_Job(m, dataset, k, s) for m in methods for k in shots for s in seeds]
+    result = ProtocolResult("semi-supervised", ["test"])
+    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"semi-supervised {dataset}"):
+        result.add(job.label, str(job.shots), job.seed, {"test": metrics["test"]})
     return result

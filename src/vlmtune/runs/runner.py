@@ -7,6 +7,7 @@ through the cache, scoring, progress and logs, and writing the run directory::
     <run>/results.json      scores (acc1, acc5, mean per-class recall), timings, notes, versions, git revision, date
     <run>/results.md        the same as a Markdown table
     <run>/train_log.jsonl   training progress (loss / fitness per epoch or generation); training.png
+    <run>/pseudo_labels.jsonl  label-free runs: accuracy / coverage of each pseudo-labelling; pseudo_labels.png
     <run>/adapter/          adapter.safetensors + adapter.json
 """
 
@@ -31,11 +32,13 @@ from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, upload_bytes
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
+from vlmtune.data.fewshot import few_shot_indices
 from vlmtune.errors import VlmtuneError
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
 from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
+from vlmtune.runs.diagnostics import PseudoLabelLog
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
@@ -53,7 +56,9 @@ class RunConfig:
         method: registered method name.
         dataset: dataset name (``toy:shapes``, ``caltech101``, ``folder:/path``).
         backbone: backbone spec.
-        shots: labelled images per class for training (0 = the whole train split).
+        shots: labelled images per class for training (0 = the whole train split; None = the method's default:
+            16, or 0 for label-free methods). Label-free methods: 0 = unsupervised (the train split without its
+            labels); k > 0 = semi-supervised (k labelled images per class, the rest of the train split unlabelled).
         seed: seed of the few-shot pick and of the method's generator.
         options: method config overrides (``preset`` picks a named option set).
         subsample: ``all``, ``base`` or ``new`` classes (CoOp's base-to-new rule).
@@ -72,7 +77,7 @@ class RunConfig:
     method: str = "linear_probe"
     dataset: str = "toy:shapes-sketch"
     backbone: str = "toy"
-    shots: int = 16
+    shots: int | None = None
     seed: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     subsample: str = "all"
@@ -106,6 +111,7 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     shots_used: dict[str, int] | None = None  # smallest and largest number of training images of a class
     notes: list[str] = field(default_factory=list)
+    pseudo_labels: list[dict[str, Any]] = field(default_factory=list)  # label-free diagnostics (PseudoLabelLog)
 
     @property
     def accuracy(self) -> dict[str, float]:
@@ -124,6 +130,7 @@ class RunResult:
             "queries": self.queries,
             "curve": [{"queries": q, "test": round(a, 2)} for q, a in self.curve],
             "notes": self.notes,
+            "pseudo_labels": self.pseudo_labels,
             "provenance": provenance(),
         }
 
@@ -145,15 +152,26 @@ def _shot_counts(split: DatasetSplit) -> dict[str, int]:
     return {"min": int(counts.min()), "max": int(counts.max())} if len(counts) else {"min": 0, "max": 0}
 
 
-def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
-    """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
+def with_shots(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``shots`` resolved (None -> the method's default)."""
+    return cfg if cfg.shots is not None else replace(cfg, shots=get_method(cfg.method).default_shots)
+
+
+def _train_of(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
     if "train" not in splits:
         root = splits["test"].dataset.removeprefix("folder:")
         raise VlmtuneError(
-            f"{splits['test'].dataset} has no train split; this method trains on labelled images "
+            f"{splits['test'].dataset} has no train split; this method trains on (labelled or unlabelled) images "
             f"(image folders: put them in {root}/train/<class>/, and test images in {root}/test/<class>/)"
         )
-    split = base_new_split(splits["train"], cfg.subsample)
+    return base_new_split(splits["train"], cfg.subsample)
+
+
+def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetSplit:
+    """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
+    cfg = with_shots(cfg)
+    split = _train_of(splits, cfg)
+    assert cfg.shots is not None
     if cfg.shots <= 0:
         return split
     picked = few_shot(split, cfg.shots, cfg.seed)
@@ -169,30 +187,49 @@ def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetS
     return picked
 
 
+def label_free_splits(splits: dict[str, DatasetSplit], cfg: RunConfig) -> tuple[DatasetSplit | None, DatasetSplit]:
+    """(labelled shots or None, unlabelled rest) of the train split: unsupervised with ``shots`` 0, else
+    semi-supervised (``shots`` labelled images per class picked with ``seed``; every other train image unlabelled)."""
+    cfg = with_shots(cfg)
+    split = _train_of(splits, cfg)
+    if not cfg.shots:
+        return None, split
+    picked = few_shot_indices(split.labels, cfg.shots, cfg.seed)
+    rest = np.setdiff1d(np.arange(len(split)), picked)
+    labelled = split.subset(picked, split=f"{split.split}@{cfg.shots}shot-seed{cfg.seed}")
+    return labelled, split.subset(rest, split=f"{split.split}@unlabelled-{cfg.shots}shot-seed{cfg.seed}")
+
+
 def make_task(
     splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig
 ) -> tuple[Task, DatasetSplit | None]:
-    """The method's ``Task``; labels are withheld from methods that do not need them. Returns the training
-    split too (None for methods that fit from class names alone)."""
+    """The method's ``Task``. Label-free methods get the unlabelled images with their labels removed (and the
+    labelled shots of the semi-supervised regime in ``train``). Returns the training split too: the labelled one,
+    the unlabelled one for label-free methods, None for methods that fit from class names alone."""
+    cfg = with_shots(cfg)
+    assert cfg.shots is not None
     method = get_method(cfg.method)
     if not method.needs_train:
         names = base_new_split(splits.get("train", splits["test"]), cfg.subsample)
         return Task(classnames=names.classnames, templates=names.templates), None
-    train_split = train_split_for(splits, cfg)
     val_shots = min(cfg.shots, 4) if cfg.val_shots is None else cfg.val_shots
     val = None
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
         val_split = base_new_split(splits["val"], cfg.subsample)
         val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
+    if not method.needs_labels:
+        labelled, unlabeled = label_free_splits(splits, cfg)
+        task = Task(
+            classnames=unlabeled.classnames,
+            templates=unlabeled.templates,
+            train=source.features(labelled) if labelled is not None else None,
+            val=val,
+            unlabeled=source.features(unlabeled).without_labels(),
+        )
+        return task, unlabeled
+    train_split = train_split_for(splits, cfg)
     train = source.features(train_split)
-    task = Task(
-        classnames=train_split.classnames,
-        templates=train_split.templates,
-        train=train if method.needs_labels else None,
-        val=val,
-        unlabeled=None if method.needs_labels else train,
-    )
-    return task, train_split
+    return Task(train_split.classnames, train_split.templates, train=train, val=val), train_split
 
 
 def split_logits(
@@ -260,6 +297,8 @@ def run(
     """
     method_cls = get_method(cfg.method)
     method_config = make_config(method_cls, cfg.options)
+    cfg = with_shots(cfg)
+    assert cfg.shots is not None
     if cfg.shots < 0:
         raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
     if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
@@ -292,6 +331,13 @@ def run(
     return result
 
 
+def _watch_pseudo_labels(method: Method, unlabeled: DatasetSplit) -> PseudoLabelLog:
+    """The runner's side of ``hooks.pseudo_labels``: it measures what the method cannot (the labels are hidden)."""
+    watcher = PseudoLabelLog(torch.as_tensor(unlabeled.labels, dtype=torch.long), unlabeled.num_classes)
+    method.hooks.on_pseudo_labels = watcher.record
+    return watcher
+
+
 def _run_features(
     cfg: RunConfig,
     backbone: Backbone,
@@ -303,14 +349,19 @@ def _run_features(
 ) -> RunResult:
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
     task, train_split = make_task(splits, source, cfg)
+    watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)
     fit_seconds = time.perf_counter() - start
     test = base_new_split(splits["test"], cfg.subsample)
     metrics = classification_metrics(*split_logits(classifier, backbone, test, source, progress))
     n_train = len(train_split) if train_split is not None else 0
-    shots = _shot_counts(train_split) if train_split is not None else None
-    return RunResult(cfg, {"test": metrics}, n_train, fit_seconds, classifier, shots_used=shots)
+    if task.unlabeled is not None and isinstance(task.train, FeatureSet):
+        n_train += len(task.train)
+    shots = _shot_counts(train_split) if train_split is not None and task.unlabeled is None else None
+    result = RunResult(cfg, {"test": metrics}, n_train, fit_seconds, classifier, shots_used=shots)
+    result.pseudo_labels = watcher.rows if watcher is not None else []
+    return result
 
 
 def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
@@ -431,6 +482,10 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
         folder / "results.md", lambda tmp: Path(tmp).write_text(table + "\n" + notes + ("\n" if notes else ""))
     )
     result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset, service=cfg.service)
+    if result.pseudo_labels:
+        watcher = PseudoLabelLog(torch.empty(0), 0)
+        watcher.rows = result.pseudo_labels
+        watcher.write(folder, f"{cfg.method} on {cfg.dataset}: pseudo-labels (measured against hidden labels)")
     if result.curve:
         from vlmtune.runs.plots import write_curve
 

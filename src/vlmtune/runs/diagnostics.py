@@ -1,0 +1,76 @@
+"""Pseudo-label diagnostics of label-free runs, measured by the runner against labels the method never sees.
+
+A label-free method reports each pseudo-labelling through ``TrainingHooks.pseudo_labels(round, kind, index,
+labels)``; ``PseudoLabelLog`` holds the hidden labels of the unlabelled set and records per report: how many images,
+their accuracy, the classes covered and the smallest / largest class. With a run folder it writes
+``pseudo_labels.jsonl`` and ``pseudo_labels.png`` (accuracy per round of all images vs the selected set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtune.runs.plots import pyplot
+
+
+class PseudoLabelLog:
+    """Accuracy and coverage of reported pseudo-labels; ``hidden`` (N,) are the unlabelled set's true labels."""
+
+    def __init__(self, hidden: torch.Tensor, num_classes: int) -> None:
+        self.hidden, self.num_classes = hidden.long(), num_classes
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, round: int, kind: str, index: torch.Tensor, labels: torch.Tensor) -> None:
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.hidden)):
+            raise IndexError(f"pseudo-labels point outside the unlabelled set of {len(self.hidden)} images")
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        correct = (self.hidden[index] == labels).float()
+        self.rows.append(
+            {
+                "round": round,
+                "kind": kind,
+                "n": int(index.numel()),
+                "accuracy": round_(100 * float(correct.mean())) if index.numel() else None,
+                "classes_covered": int((counts > 0).sum()),
+                "classes": self.num_classes,
+                "per_class_min": int(counts.min()),
+                "per_class_max": int(counts.max()),
+            }
+        )
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.rows) if r["kind"] == kind), None)
+
+    def write(self, folder: Path, title: str) -> None:
+        with (folder / "pseudo_labels.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        plt = pyplot()
+        if plt is None or not self.rows:
+            return
+        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+        for kind, style in (("all", {"linestyle": "--", "marker": "s"}), ("selected", {"marker": "o"})):
+            rows = [r for r in self.rows if r["kind"] == kind and r["accuracy"] is not None]
+            if rows:
+                label = "all unlabelled images" if kind == "all" else "selected (trained on)"
+                ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=label, **style)
+        ax.set_xlabel("round (0 = zero-shot)")
+        ax.set_ylabel("pseudo-label accuracy (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        selected = [r for r in self.rows if r["kind"] == "selected"]
+        if selected:
+            twin = ax.twinx()
+            twin.bar([r["round"] for r in selected], [r["n"] for r in selected], alpha=0.15, color="grey")
+            twin.set_ylabel("images selected", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "pseudo_labels.png")
+        plt.close(fig)
+
+
+def round_(x: float) -> float:
+    return round(x, 2)
