@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tests.conftest import FAST_OPTIONS
 
 from vlmtune.methods._prompt import Schedule
 from vlmtune.methods._pseudo import (
@@ -18,7 +19,6 @@ from vlmtune.methods._pseudo import (
 )
 from vlmtune.methods.base import list_methods
 from vlmtune.runs.runner import RunConfig, run
-from tests.conftest import FAST_OPTIONS
 
 LABEL_FREE = [m.name for m in list_methods() if not m.needs_labels and m.needs_train]
 
