@@ -166,3 +166,71 @@ def test_cli_runs_a_label_free_fit_and_the_unsupervised_protocol(tmp_path, capsy
                  "--out", str(tmp_path / "p"), "--quiet", "--no-cache"]) == 0  # fmt: skip
     assert "paper 003 Table 1" in capsys.readouterr().out
     assert main(["protocol", "unsupervised", "--methods", "zeroshot", "--dataset", "toy:shapes", "--shots", "4"]) == 2
+
+
+def test_a_folder_of_unlabelled_images_adapts_label_free_and_refuses_label_methods(toy, tmp_path):
+    from vlmtune import load_dataset
+    from vlmtune.errors import VlmtuneError
+
+    toy_splits = load_dataset("toy:shapes-noisy")
+    names = toy_splits["test"].classnames[:3]
+    for i in range(60):  # 60 unlabelled images in nested folders, 5 labelled test images per class
+        path = tmp_path / "data" / "unlabeled" / f"batch{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        toy_splits["train"].image(i % 3 * 32 + i // 3).save(path)
+    for c, name in enumerate(names):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        for j in range(5):
+            toy_splits["test"].image(c * 50 + j).save(tmp_path / "data" / "test" / name / f"{j}.png")
+    dataset = f"folder:{tmp_path / 'data'}"
+    splits = load_dataset(dataset)
+    assert len(splits["train"]) == 60 and set(splits["train"].labels.tolist()) == {-1}
+    result = run(RunConfig(method="upl", dataset=dataset, options=FAST_OPTIONS["upl"]), backbone=toy, progress=False)
+    assert result.n_train == 60 and all(r["accuracy"] is None for r in result.pseudo_labels)
+    for cfg in (RunConfig(method="coop", dataset=dataset), RunConfig(method="upl", dataset=dataset, shots=2)):
+        with pytest.raises(VlmtuneError, match="unlabelled"):
+            run(cfg, backbone=toy, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pool_cache(tmp_path_factory):
+    from vlmtune.features import FeatureCache
+
+    return FeatureCache(tmp_path_factory.mktemp("features"))
+
+
+def test_evidence_upl_beats_zero_shot_and_grip_matches_upl_on_noisy_toynet(toy, pool_cache):
+    """toy:toynet-noisy-pool, seed 1 (reduced GRIP: 2 iterations x 8 epochs; full size in the closing note).
+    The selected pseudo-labels are more accurate than all zero-shot pseudo-labels (measured by the runner)."""
+    ds = "toy:toynet-noisy-pool"
+
+    def fit(method, **options):
+        return run(
+            RunConfig(method=method, dataset=ds, options=options), cache=pool_cache, backbone=toy, progress=False
+        )
+
+    zs = fit("zeroshot").accuracy["test"]
+    upl = fit("upl", n_ctx=8)
+    grip = fit("grip", n_ctx=8, iterations=2, epochs=8)
+    assert zs < upl.accuracy["test"] - 2, (zs, upl.accuracy)
+    assert grip.accuracy["test"] >= upl.accuracy["test"], (grip.accuracy, upl.accuracy)
+    first_all, selected = upl.pseudo_labels[0], upl.pseudo_labels[1]
+    assert (first_all["kind"], selected["kind"]) == ("all", "selected")
+    assert selected["accuracy"] > first_all["accuracy"] + 10, upl.pseudo_labels
+
+
+def test_evidence_semi_supervised_accuracy_grows_with_labelled_shots(toy, pool_cache):
+    """UPL on toy:shapes-pixel-pool with 0, 4 and 16 labelled shots per class (+ the rest unlabelled), seed 1.
+
+    (Within noise only: on the toy world a random-init CoOp prompt gains little from true labels at all; on
+    toynet-noisy 16 true shots per class even lower it below zero-shot, 21.3 vs 24.9. See docs/label_free.md.)"""
+    acc = [
+        run(
+            RunConfig(method="upl", dataset="toy:shapes-pixel-pool", shots=k, options={"n_ctx": 8}),
+            cache=pool_cache,
+            backbone=toy,
+            progress=False,
+        ).accuracy["test"]
+        for k in (0, 4, 16)
+    ]
+    assert acc[0] <= acc[1] + 2.0 and acc[1] <= acc[2] + 2.0 and acc[0] <= acc[2] + 2.0, acc  # noise: ~2 points

@@ -28,13 +28,15 @@ class PseudoLabelLog:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.hidden)):
             raise IndexError(f"pseudo-labels point outside the unlabelled set of {len(self.hidden)} images")
         counts = torch.bincount(labels, minlength=self.num_classes)
-        correct = (self.hidden[index] == labels).float()
+        truth = self.hidden[index]
+        known = truth >= 0  # images of an unlabelled folder have no truth (-1): accuracy only where it exists
+        correct = (truth[known] == labels[known]).float()
         self.rows.append(
             {
                 "round": round,
                 "kind": kind,
                 "n": int(index.numel()),
-                "accuracy": round_(100 * float(correct.mean())) if index.numel() else None,
+                "accuracy": round_(100 * float(correct.mean())) if correct.numel() else None,
                 "classes_covered": int((counts > 0).sum()),
                 "classes": self.num_classes,
                 "per_class_min": int(counts.min()),

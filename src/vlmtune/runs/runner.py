@@ -171,6 +171,11 @@ def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetS
     """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
     cfg = with_shots(cfg)
     split = _train_of(splits, cfg)
+    if len(split) and int(split.labels.min()) < 0:
+        raise VlmtuneError(
+            f"the train images of {split.dataset} are unlabelled: {cfg.method} needs labels "
+            "(label-free methods: `vlmtune list methods`)"
+        )
     assert cfg.shots is not None
     if cfg.shots <= 0:
         return split
@@ -194,6 +199,8 @@ def label_free_splits(splits: dict[str, DatasetSplit], cfg: RunConfig) -> tuple[
     split = _train_of(splits, cfg)
     if not cfg.shots:
         return None, split
+    if len(split) and int(split.labels.min()) < 0:
+        raise VlmtuneError(f"--shots {cfg.shots} takes labelled train images; those of {split.dataset} are unlabelled")
     picked = few_shot_indices(split.labels, cfg.shots, cfg.seed)
     rest = np.setdiff1d(np.arange(len(split)), picked)
     labelled = split.subset(picked, split=f"{split.split}@{cfg.shots}shot-seed{cfg.seed}")
