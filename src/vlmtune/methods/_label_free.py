@@ -21,12 +21,23 @@ from vlmtune.capabilities import Capability
 from vlmtune.data.templates import check_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.features.extract import FeatureSet, UnlabeledFeatures
-from vlmtune.methods._prompt import Schedule, token_scale
+from vlmtune.methods._options import method_config, option
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Schedule, token_scale
 from vlmtune.methods._prompt_clf import PromptClassifier, new_prompt_classifier, train_prompt_classifier
 from vlmtune.methods._pseudo import PseudoLabels, split_validation, training_set, zero_shot_logits
 from vlmtune.methods.base import Method, Task
 
 PSEUDO_TEMPLATE_DOC = "pseudo-labelling template: 'dataset' = the dataset's own, 'ensemble' = all, or e.g. 'a {}.'"
+
+
+@method_config
+class PseudoPromptConfig:
+    """The options every label-free textual-prompt method shares (its schedule fields follow in each subclass)."""
+
+    template: str = option("dataset", PSEUDO_TEMPLATE_DOC)
+    n_ctx: int = option(16, "context vectors", ge=1)
+    ctx_init: str | None = option(None, "initial words (n_ctx must equal their token count); none = N(0, 0.02)")
+    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 def unlabeled_of(task: Task, method: str) -> UnlabeledFeatures:

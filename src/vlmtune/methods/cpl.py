@@ -15,9 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, PseudoLabelClassifier, PseudoLabelPrompting
+from vlmtune.methods._label_free import PseudoLabelClassifier, PseudoLabelPrompting, PseudoPromptConfig
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC
 from vlmtune.methods._pseudo import PseudoLabels, candidate_sets, candidate_targets, fill_top_k, grip_count
 from vlmtune.methods.base import register_method
 
@@ -33,21 +32,17 @@ DATASET_PRESETS = {
 
 
 @method_config
-class CPLConfig:
+class CPLConfig(PseudoPromptConfig):
     alpha: float = option(0.75, "intra-instance: tau = this quantile of the max probability over U", ge=0, le=1)
     beta: float = option(0.95, "inter-instance: keep p_c >= this quantile of column c", ge=0, le=1)
     iterations: int = option(10, "re-labelling iterations; the pools grow GRIP-style", ge=1)
     max_per_class: int | None = option(None, "cap of a class's pool; none = GRIP's growth to N / C", ge=1)
     validation: float = option(0.0, "share of the selected images held out to pick the best epoch", ge=0, lt=1)
-    template: str = option("dataset", PSEUDO_TEMPLATE_DOC)
-    n_ctx: int = option(16, "context vectors", ge=1)
-    ctx_init: str | None = option(None, "initial words (n_ctx must equal their token count); none = N(0, 0.02)")
     lr: float = option(0.02, "SGD learning rate", gt=0)
     epochs: int = option(50, "epochs per iteration", ge=1)
     batch_size: int = option(64, "images per step", ge=1)
     weight_decay: float = option(0.05, "SGD weight decay", ge=0)
     warmup_epochs: int = option(2, "linear warm-up epochs", ge=0)
-    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class CPLClassifier(PseudoLabelClassifier):

@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, PseudoLabelClassifier, PseudoLabelPrompting
+from vlmtune.methods._label_free import PseudoLabelClassifier, PseudoLabelPrompting, PseudoPromptConfig
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC
 from vlmtune.methods._pseudo import PseudoLabels, fill_top_k, grip_count
 from vlmtune.methods.base import register_method
 
 
 @method_config
-class FPLConfig:
+class FPLConfig(PseudoPromptConfig):
     shots: int = option(16, "IFPL: pseudo-labels per class in every iteration (GRIP grows its own count)", ge=1)
     iterations: int = option(10, "re-labelling iterations (100 / STEP_QUANTILE)", ge=1)
     validation: float = option(0.2, "share of the pseudo-labels held out to pick the best epoch", ge=0, lt=1)
-    template: str = option("dataset", PSEUDO_TEMPLATE_DOC)
-    n_ctx: int = option(16, "context vectors", ge=1)
-    ctx_init: str | None = option(None, "initial words (n_ctx must equal their token count); none = N(0, 0.02)")
     lr: float = option(0.1, "SGD learning rate", gt=0)
     epochs: int = option(150, "epochs per iteration", ge=1)
     batch_size: int = option(16, "images per step", ge=1)
     weight_decay: float = option(0.1, "SGD weight decay", ge=0)
     warmup_epochs: int = option(5, "linear warm-up epochs", ge=0)
-    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class IFPLClassifier(PseudoLabelClassifier):

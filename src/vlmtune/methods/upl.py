@@ -15,27 +15,22 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, PseudoLabelClassifier, PseudoLabelPrompting
+from vlmtune.methods._label_free import PseudoLabelClassifier, PseudoLabelPrompting, PseudoPromptConfig
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC
 from vlmtune.methods._pseudo import PseudoLabels, top_k_per_class
 from vlmtune.methods.base import Task, register_method
 
 
 @method_config
-class UPLConfig:
+class UPLConfig(PseudoPromptConfig):
     shots: int = option(16, "pseudo-labels per class: the top-K most confident images predicted as it", ge=1)
     rank_by: Literal["logit", "prob"] = option("logit", "confidence for the top-K: raw max logit (UPL) or softmax")
-    template: str = option("dataset", PSEUDO_TEMPLATE_DOC)
-    n_ctx: int = option(16, "context vectors", ge=1)
-    ctx_init: str | None = option(None, "initial words (n_ctx must equal their token count); none = N(0, 0.02)")
     lr: float = option(0.002, "SGD learning rate", gt=0)
     epochs: int = option(50, "epochs", ge=1)
     batch_size: int = option(32, "images per step", ge=1)
     weight_decay: float = option(5e-4, "SGD weight decay", ge=0)
     warmup_epochs: int = option(1, "constant warm-up epochs at 1e-5", ge=0)
     ensemble: int = option(1, "prompts trained from different seeds whose logits are averaged (UPL's test: 16)", ge=1)
-    token_scale: float | None = option(None, TOKEN_SCALE_DOC, gt=0)
 
 
 class UPLClassifier(PseudoLabelClassifier):
