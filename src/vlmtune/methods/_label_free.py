@@ -22,8 +22,13 @@ from vlmtune.data.templates import check_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.features.extract import FeatureSet, UnlabeledFeatures
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Schedule, token_scale
-from vlmtune.methods._prompt_clf import PromptClassifier, new_prompt_classifier, train_prompt_classifier
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, Schedule
+from vlmtune.methods._prompt_clf import (
+    PromptClassifier,
+    new_prompt_classifier,
+    prompt_settings,
+    train_prompt_classifier,
+)
 from vlmtune.methods._pseudo import PseudoLabels, split_validation, training_set, zero_shot_logits
 from vlmtune.methods.base import Method, Task
 
@@ -112,17 +117,6 @@ class PseudoLabelPrompting(Method):
             warmup=self.warmup,  # type: ignore[arg-type]
         )
 
-    def settings(self, handle: Backbone) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "n_ctx": cfg.n_ctx,
-            "position": "end",
-            "embed_dim": handle.embed_dim,
-            "width": handle.token_width,
-            "token_scale": token_scale(handle, cfg.token_scale),
-            "csc": False,
-        }
-
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> PseudoLabelClassifier:
         unlabeled = unlabeled_of(task, self.name)
         feats = unlabeled.features.float()  # (N, D)
@@ -138,8 +132,8 @@ class PseudoLabelPrompting(Method):
                 raise VlmtuneError(f"{self.name}: no image was selected for pseudo-labelling (round {r + 1})")
             self.hooks.pseudo_labels(r + 1, "selected", pseudo.index, pseudo.labels)
             clf = self.train_round(handle, task, feats, pseudo, labelled, generator)
-            scores = clf.logits(feats)
-            if r + 1 < rounds:
+            if r + 1 < rounds:  # relabel all of U with the new prompt for the next round
+                scores = clf.logits(feats)
                 self.hooks.pseudo_labels(r + 1, "all", everything, scores.argmax(1))
         assert clf is not None
         return clf
@@ -155,24 +149,18 @@ class PseudoLabelPrompting(Method):
     ) -> PseudoLabelClassifier:
         """A new prompt trained on ``pseudo`` (+ labelled shots); the best epoch on the held-out pseudo-labels."""
         train, val = split_validation(pseudo, self.validation_fraction(), generator)
-        data = training_set(feats, train, labelled)
-        targets = None
-        if train.targets is not None:
-            shots = [] if labelled is None else [torch.nn.functional.one_hot(labelled.labels, task.num_classes)]
-            targets = torch.cat([train.targets, *(s.float() for s in shots)])
+        data, targets = training_set(feats, train, labelled, task.num_classes)
         cls = self.classifier
         assert issubclass(cls, PseudoLabelClassifier)
-        clf = new_prompt_classifier(
-            cls, handle, task.classnames, self.settings(handle), self.config.ctx_init, generator
-        )
+        settings = prompt_settings(handle, self.config.n_ctx, "end", self.config.token_scale)
+        clf = new_prompt_classifier(cls, handle, task.classnames, settings, self.config.ctx_init, generator)
         best: dict[str, Any] = {"acc": -1.0, "state": None}
         on_epoch = None
         if len(val) > 0:
             vf, vl = feats[val.index], val.labels
 
             def on_epoch(epoch: int) -> dict[str, float]:
-                with torch.no_grad():
-                    acc = float((clf.forward_logits(vf.to(clf.ctx.device), None).argmax(1).cpu() == vl).float().mean())
+                acc = float((clf.logits(vf).argmax(1) == vl).float().mean())
                 if acc > best["acc"]:
                     best.update(acc=acc, state=copy.deepcopy(clf.state_dict()))
                 return {"pseudo_val_acc": 100 * acc}

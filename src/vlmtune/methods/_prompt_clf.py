@@ -148,6 +148,18 @@ class PromptClassifier(Classifier):
         return clf
 
 
+def prompt_settings(backbone: Backbone, n_ctx: int, position: str, scale: float | None) -> dict[str, Any]:
+    """The saved settings every prompt classifier has: context size and position, the backbone's widths and the
+    token scale (``scale`` None = measured, see ``token_scale``)."""
+    return {
+        "n_ctx": n_ctx,
+        "position": position,
+        "embed_dim": backbone.embed_dim,
+        "width": backbone.token_width,
+        "token_scale": token_scale(backbone, scale),
+    }
+
+
 def new_prompt_classifier(
     cls: type[PromptClassifier],
     backbone: Backbone,
@@ -248,9 +260,7 @@ class PromptMethod(Method):
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> PromptClassifier:
         cfg = self.config
-        settings = {"n_ctx": cfg.n_ctx, "position": cfg.position, "embed_dim": handle.embed_dim}
-        settings |= {"width": handle.token_width, "token_scale": token_scale(handle, cfg.token_scale)}
-        settings |= self.extra_settings()
+        settings = prompt_settings(handle, cfg.n_ctx, cfg.position, cfg.token_scale) | self.extra_settings()
         cls = self.classifier
         assert issubclass(cls, PromptClassifier)
         schedule = schedule_for(cfg, task, self.paper_batch)

@@ -107,12 +107,18 @@ def split_validation(
     return labels.select(perm[n_val:].sort().values), labels.select(perm[:n_val].sort().values)
 
 
-def training_set(unlabeled_features: torch.Tensor, pseudo: PseudoLabels, labelled: FeatureSet | None) -> FeatureSet:
-    """The pseudo-labelled images, plus the labelled shots of the semi-supervised regime (true labels)."""
-    feats, labels = unlabeled_features[pseudo.index], pseudo.labels
+def training_set(
+    unlabeled_features: torch.Tensor, pseudo: PseudoLabels, labelled: FeatureSet | None, num_classes: int
+) -> tuple[FeatureSet, torch.Tensor | None]:
+    """The pseudo-labelled images, plus the labelled shots of the semi-supervised regime (true labels), and their
+    soft targets (N, K) when the pseudo-labels have them (the labelled shots as one-hot rows), else None."""
+    feats, labels, targets = unlabeled_features[pseudo.index], pseudo.labels, pseudo.targets
     if labelled is None or len(labelled) == 0:
-        return FeatureSet(feats, labels)
-    return FeatureSet(torch.cat([feats, labelled.features.to(feats)]), torch.cat([labels, labelled.labels]))
+        return FeatureSet(feats, labels), targets
+    data = FeatureSet(torch.cat([feats, labelled.features.to(feats)]), torch.cat([labels, labelled.labels]))
+    if targets is not None:
+        targets = torch.cat([targets, torch.nn.functional.one_hot(labelled.labels, num_classes).to(targets)])
+    return data, targets
 
 
 def candidate_sets(probs: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

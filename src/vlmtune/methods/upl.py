@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.features.extract import FeatureSet
 from vlmtune.methods._label_free import PseudoLabelClassifier, PseudoLabelPrompting, PseudoPromptConfig
 from vlmtune.methods._options import method_config, option
 from vlmtune.methods._pseudo import PseudoLabels, top_k_per_class
@@ -50,9 +51,18 @@ class UPL(PseudoLabelPrompting):
         ranked = scores if self.config.rank_by == "logit" else scores.softmax(dim=1)
         return top_k_per_class(ranked, self.config.shots)
 
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> UPLClassifier:
-        fit_one = super().fit
-        members = [fit_one(handle, task, generator=generator) for _ in range(self.config.ensemble)]
+    def train_round(
+        self,
+        handle: Backbone,
+        task: Task,
+        feats: torch.Tensor,
+        pseudo: PseudoLabels,
+        labelled: FeatureSet | None,
+        generator: torch.Generator,
+    ) -> UPLClassifier:
+        """``ensemble`` prompts trained in turn on the same pseudo-labels, stacked into one classifier."""
+        train_one = super().train_round
+        members = [train_one(handle, task, feats, pseudo, labelled, generator) for _ in range(self.config.ensemble)]
         if len(members) == 1:
             return members[0]  # type: ignore[return-value]
         settings = {**members[0].settings, "ensemble": len(members)}
