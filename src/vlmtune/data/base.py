@@ -57,6 +57,11 @@ class DatasetSplit:
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    @property
+    def labelled(self) -> bool:
+        """False when some labels are unknown (-1: a folder's ``unlabeled/`` images)."""
+        return len(self.labels) == 0 or int(self.labels.min()) >= 0
+
     def image(self, i: int) -> Image.Image:
         return self.loader(self._parent[i] if self._parent is not None else i)
 

@@ -2,8 +2,8 @@
 
 A label-free method reports each pseudo-labelling through ``TrainingHooks.pseudo_labels(round, kind, index,
 labels)``; ``PseudoLabelLog`` holds the hidden labels of the unlabelled set and records per report: how many images,
-their accuracy, the classes covered and the smallest / largest class. With a run folder it writes
-``pseudo_labels.jsonl`` and ``pseudo_labels.png`` (accuracy per round of all images vs the selected set).
+their accuracy, the classes covered and the smallest / largest class; ``write_pseudo_labels`` puts its rows in a run
+folder as ``pseudo_labels.jsonl`` and ``pseudo_labels.png`` (accuracy per round of all images vs the selected set).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class PseudoLabelLog:
         self.hidden, self.num_classes = hidden.long(), num_classes
         self.rows: list[dict[str, Any]] = []
 
-    def record(self, round: int, kind: str, index: torch.Tensor, labels: torch.Tensor) -> None:
+    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.hidden)):
             raise IndexError(f"pseudo-labels point outside the unlabelled set of {len(self.hidden)} images")
         counts = torch.bincount(labels, minlength=self.num_classes)
@@ -33,10 +33,10 @@ class PseudoLabelLog:
         correct = (truth[known] == labels[known]).float()
         self.rows.append(
             {
-                "round": round,
+                "round": round_no,
                 "kind": kind,
                 "n": int(index.numel()),
-                "accuracy": round_(100 * float(correct.mean())) if correct.numel() else None,
+                "accuracy": round(100 * float(correct.mean()), 2) if correct.numel() else None,
                 "classes_covered": int((counts > 0).sum()),
                 "classes": self.num_classes,
                 "per_class_min": int(counts.min()),
@@ -44,35 +44,30 @@ class PseudoLabelLog:
             }
         )
 
-    def last(self, kind: str) -> dict[str, Any] | None:
-        return next((r for r in reversed(self.rows) if r["kind"] == kind), None)
 
-    def write(self, folder: Path, title: str) -> None:
-        with (folder / "pseudo_labels.jsonl").open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        plt = pyplot()
-        if plt is None or not self.rows:
-            return
-        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-        for kind, style in (("all", {"linestyle": "--", "marker": "s"}), ("selected", {"marker": "o"})):
-            rows = [r for r in self.rows if r["kind"] == kind and r["accuracy"] is not None]
-            if rows:
-                label = "all unlabelled images" if kind == "all" else "selected (trained on)"
-                ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=label, **style)
-        ax.set_xlabel("round (0 = zero-shot)")
-        ax.set_ylabel("pseudo-label accuracy (%)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        selected = [r for r in self.rows if r["kind"] == "selected"]
-        if selected:
-            twin = ax.twinx()
-            twin.bar([r["round"] for r in selected], [r["n"] for r in selected], alpha=0.15, color="grey")
-            twin.set_ylabel("images selected", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "pseudo_labels.png")
-        plt.close(fig)
-
-
-def round_(x: float) -> float:
-    return round(x, 2)
+def write_pseudo_labels(folder: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """``pseudo_labels.jsonl`` (one ``PseudoLabelLog`` row per line) and, with matplotlib, ``pseudo_labels.png``."""
+    with (folder / "pseudo_labels.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    plt = pyplot()
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    for kind, style in (("all", {"linestyle": "--", "marker": "s"}), ("selected", {"marker": "o"})):
+        measured = [r for r in rows if r["kind"] == kind and r["accuracy"] is not None]
+        if measured:
+            label = "all unlabelled images" if kind == "all" else "selected (trained on)"
+            ax.plot([r["round"] for r in measured], [r["accuracy"] for r in measured], label=label, **style)
+    ax.set_xlabel("round (0 = zero-shot)")
+    ax.set_ylabel("pseudo-label accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    selected = [r for r in rows if r["kind"] == "selected"]
+    if selected:
+        twin = ax.twinx()
+        twin.bar([r["round"] for r in selected], [r["n"] for r in selected], alpha=0.15, color="grey")
+        twin.set_ylabel("images selected", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "pseudo_labels.png")
+    plt.close(fig)

@@ -55,7 +55,8 @@ class ProtocolResult:
     protocol: str
     columns: list[str]  # metric names, in table order
     rows: list[dict[str, Any]] = field(default_factory=list)
-    reference: dict[str, tuple[str, str]] = field(default_factory=dict)  # method -> (column title, paper number)
+    reference_title: str = ""  # title of a last column with the papers' numbers (empty: none)
+    reference: dict[str, str] = field(default_factory=dict)  # method -> its paper number
 
     def add(self, method: str, setting: str, seed: int, metrics: dict[str, float | None]) -> None:
         self.rows.append({"method": method, "setting": setting, "seed": seed, **metrics})
@@ -78,11 +79,10 @@ class ProtocolResult:
         papers' numbers in a last column where ``reference`` has them."""
         if self.protocol not in SWEEPS:
             rows = self.summary()
-            if not self.reference:
+            if not self.reference_title:
                 return markdown_table(["method", "setting", *self.columns], rows)
-            title = next(iter(self.reference.values()))[0]
-            rows = [[*r, self.reference.get(r[0], ("", ""))[1]] for r in rows]
-            return markdown_table(["method", "setting", *self.columns, title], rows)
+            rows = [[*r, self.reference.get(r[0], "")] for r in rows]
+            return markdown_table(["method", "setting", *self.columns, self.reference_title], rows)
         cells = {(m, s): c for m, s, c in self.summary()}
         shots = sorted({int(s) for _, s in cells}, key=int)
         methods = list(dict.fromkeys(m for m, _ in cells))
@@ -322,9 +322,21 @@ def few_shot_sweep(
     settings: ProtocolSettings | None = None,
 ) -> ProtocolResult:
     """Test accuracy per method x shots x seed (settings = shots)."""
+    return _shot_sweep("few-shot", methods, dataset, shots, seeds, settings)
+
+
+def _shot_sweep(
+    protocol: str,
+    methods: Sequence[str],
+    dataset: str,
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    settings: ProtocolSettings | None,
+) -> ProtocolResult:
+    """Test accuracy per method x shots x seed: the few-shot and the semi-supervised sweeps."""
     jobs = [_Job(m, dataset, k, s) for m in methods for k in shots for s in seeds]
-    result = ProtocolResult("few-shot", ["test"])
-    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"few-shot {dataset}"):
+    result = ProtocolResult(protocol, ["test"])
+    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"{protocol} {dataset}"):
         result.add(job.label, str(job.shots), job.seed, {"test": metrics["test"]})
     return result
 
@@ -371,14 +383,16 @@ def unsupervised(
 ) -> ProtocolResult:
     """Label-free methods on the train split without labels -> test accuracy, and the accuracy of the pseudo-labels
     each trained on last (measured by the runner); paper 003's Table 1 beside (paper 004's Table 1 joins later)."""
-    for m in methods:
-        if get_method(m.partition("=")[2] or m).needs_labels:
-            raise ValueError(f"{m} needs labels: the unsupervised protocol runs label-free methods (and zeroshot)")
     jobs = [_Job(m, dataset, 0, s) for m in methods for s in seeds]
-    result = ProtocolResult("unsupervised", ["test", "pseudo_labels"])
+    for job in jobs:
+        if get_method(job.name).needs_labels:
+            raise ValueError(
+                f"{job.method} needs labels: the unsupervised protocol runs label-free methods (and zeroshot)"
+            )
+    result = ProtocolResult("unsupervised", ["test", "pseudo_labels"], reference_title="paper 003 Table 1 (ViT-B/16)")
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"unsupervised {dataset}"):
         result.add(job.label, dataset, job.seed, metrics)
-        result.reference[job.label] = ("paper 003 Table 1 (ViT-B/16)", paper_003(job.name, dataset))
+        result.reference[job.label] = paper_003(job.name, dataset)
     return result
 
 
@@ -391,8 +405,4 @@ def semi_supervised(
 ) -> ProtocolResult:
     """k labelled shots per class plus the rest of the train split unlabelled (label-free methods), or the k shots
     alone (few-shot methods, for comparison) -> test accuracy per method x k x seed (paper 003 Fig. 2)."""
-    jobs = [_Job(m, dataset, k, s) for m in methods for k in shots for s in seeds]
-    result = ProtocolResult("semi-supervised", ["test"])
-    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"semi-supervised {dataset}"):
-        result.add(job.label, str(job.shots), job.seed, {"test": metrics["test"]})
-    return result
+    return _shot_sweep("semi-supervised", methods, dataset, shots, seeds, settings)

@@ -38,7 +38,7 @@ from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extrac
 from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
-from vlmtune.runs.diagnostics import PseudoLabelLog
+from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
@@ -171,7 +171,7 @@ def train_split_for(splits: dict[str, DatasetSplit], cfg: RunConfig) -> DatasetS
     """The training samples of a run: the class subsample, then ``cfg.shots`` per class picked with ``cfg.seed``."""
     cfg = with_shots(cfg)
     split = _train_of(splits, cfg)
-    if len(split) and int(split.labels.min()) < 0:
+    if not split.labelled:
         raise VlmtuneError(
             f"the train images of {split.dataset} are unlabelled: {cfg.method} needs labels "
             "(label-free methods: `vlmtune list methods`)"
@@ -199,7 +199,7 @@ def label_free_splits(splits: dict[str, DatasetSplit], cfg: RunConfig) -> tuple[
     split = _train_of(splits, cfg)
     if not cfg.shots:
         return None, split
-    if len(split) and int(split.labels.min()) < 0:
+    if not split.labelled:
         raise VlmtuneError(f"--shots {cfg.shots} takes labelled train images; those of {split.dataset} are unlabelled")
     picked = few_shot_indices(split.labels, cfg.shots, cfg.seed)
     rest = np.setdiff1d(np.arange(len(split)), picked)
@@ -490,9 +490,11 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
     )
     result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset, service=cfg.service)
     if result.pseudo_labels:
-        watcher = PseudoLabelLog(torch.empty(0), 0)
-        watcher.rows = result.pseudo_labels
-        watcher.write(folder, f"{cfg.method} on {cfg.dataset}: pseudo-labels (measured against hidden labels)")
+        write_pseudo_labels(
+            folder,
+            result.pseudo_labels,
+            f"{cfg.method} on {cfg.dataset}: pseudo-labels (measured against hidden labels)",
+        )
     if result.curve:
         from vlmtune.runs.plots import write_curve
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.data.base import DatasetSplit, files_split
-from vlmtune.data.datasets.imagenet import IMAGE_EXTENSIONS, list_images
+from vlmtune.data.datasets.imagenet import list_images
 from vlmtune.data.templates import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, clean_classname
 from vlmtune.errors import DatasetNotFound
-
-IMAGE_SUFFIXES = {e.lower() for e in IMAGE_EXTENSIONS}
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -23,15 +21,6 @@ def _class_dirs(folder: Path) -> list[str]:
 
 
 UNKNOWN = -1  # the label of an image in <root>/unlabeled/
-
-
-def _all_images(folder: Path) -> list[str]:
-    """Images under ``folder`` at any depth, as sorted relative paths."""
-    return sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
 
 
 def load_image_folder(root: Path, skip_corrupt: bool = False) -> dict[str, DatasetSplit]:
@@ -68,7 +57,7 @@ def load_image_folder(root: Path, skip_corrupt: bool = False) -> dict[str, Datas
         ]
         out[split] = files_split(f"folder:{root}", split, folder, items, classnames, templates, skip_corrupt)
     if unlabeled.is_dir() and "train" not in out:
-        items = [(rel, UNKNOWN) for rel in _all_images(unlabeled)]
+        items = [(rel, UNKNOWN) for rel in list_images(unlabeled, recursive=True)]
         if not items:
             raise DatasetNotFound(f"{unlabeled} holds no images")
         out["train"] = files_split(f"folder:{root}", "train", unlabeled, items, classnames, templates, skip_corrupt)

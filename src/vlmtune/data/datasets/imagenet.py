@@ -26,8 +26,16 @@ def read_classnames(*folders: Path) -> dict[str, str]:
     raise DatasetNotFound(f"classnames.txt not found in {', '.join(map(str, folders))} (copy CoOp's classnames.txt)")
 
 
-def list_images(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {e.lower() for e in IMAGE_EXTENSIONS})
+def list_images(folder: Path, recursive: bool = False) -> list[str]:
+    """Image file names in ``folder``, sorted; ``recursive``: relative paths at any depth (hidden files skipped)."""
+    suffixes = {e.lower() for e in IMAGE_EXTENSIONS}
+    if not recursive:
+        return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
 
 
 def wnid_folder_split(name: str, split: str, image_dir: Path, wnids: list[str], classnames: list[str]) -> DatasetSplit:
