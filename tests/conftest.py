@@ -63,6 +63,44 @@ def toy_features():
     return get
 
 
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """A tiny random-init Hugging Face CLIP saved to a folder (letter-level vocabulary, no download)."""
+    transformers = pytest.importorskip("transformers")
+    import json
+    import string
+
+    folder = tmp_path_factory.mktemp("hf-tiny")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + ".,":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+    return folder, model
+
+
 # Small black-box settings for the contract suite (the full-budget evidence lives in test_blackbox_methods.py).
 FAST_OPTIONS = {
     "bbt": {"budget": 200, "popsize": 10, "subspace": 64},

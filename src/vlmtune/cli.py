@@ -114,6 +114,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         api_key=args.api_key or os.environ.get("VLMTUNE_API_KEY"),
     )
+    from vlmtune.pixels.dist import is_main
+
+    if not is_main():  # torchrun: rank 0 wrote the run directory and reports it
+        return 0
     print((out / "results.md").read_text(), end="")
     if result.queries is not None:
         print(f"queries used: {result.queries}")

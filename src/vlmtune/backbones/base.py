@@ -151,6 +151,8 @@ class Backbone(ABC):
     def encode_image_tokens(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed images -> pooled (B, D) and patch features (B, P, D) in the joint space."""
         pooled, patches = self._image_forward(images.to(self.device))
+        if self.visual_prompt_tokens:  # installed visual prompts (backbones.tuning) ride after the patches
+            patches = patches[:, : patches.shape[1] - self.visual_prompt_tokens]
         if normalize:
             pooled, patches = F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
         return pooled, patches
@@ -166,6 +168,22 @@ class Backbone(ABC):
         finally:
             for p in params:
                 p.requires_grad_(True)
+
+    # ---- the image tower (methods that tune it: backbones.tuning) ---------------------------------------
+    visual_prompt_tokens: int = 0  # visual prompt tokens installed in this (tuned) copy's image tower
+
+    def image_tower(self) -> nn.Module:
+        """The modules that map pixels to the pooled image feature (fine-tuning, LayerNorm-only tuning)."""
+        return self.model.visual
+
+    def visual_blocks(self) -> Sequence[nn.Module] | None:
+        """The transformer blocks of a ViT image tower, in order (deep visual prompts); None for other towers."""
+        return None
+
+    @property
+    def visual_batch_first(self) -> bool:
+        """Whether the blocks of ``visual_blocks`` take tokens as (B, N, W) (else (N, B, W))."""
+        return True
 
     # ---- visual prompts (ViT image towers) ------------------------------------------------------------
     def visual_prompt_site(self) -> nn.Module | None:

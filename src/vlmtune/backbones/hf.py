@@ -88,6 +88,12 @@ class HFClipBackbone(Backbone):
     def visual_prompt_site(self) -> nn.Module:
         return self.model.vision_model.pre_layrnorm
 
+    def image_tower(self) -> nn.Module:
+        return nn.ModuleList([self.model.vision_model, self.model.visual_projection])
+
+    def visual_blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.vision_model.encoder.layers)
+
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vm = self.model.vision_model
         hidden = vm(pixel_values=images).last_hidden_state  # (B, 1+P, W)

@@ -139,6 +139,15 @@ class OpenClipBackbone(Backbone):
         visual = self.model.visual
         return visual.ln_pre if hasattr(visual, "class_embedding") and hasattr(visual, "ln_pre") else None
 
+    def visual_blocks(self) -> Sequence[nn.Module] | None:
+        if self.visual_prompt_site() is None:
+            return None
+        return list(self.model.visual.transformer.resblocks)
+
+    @property
+    def visual_batch_first(self) -> bool:
+        return bool(getattr(self.model.visual.transformer, "batch_first", True))
+
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
         if hasattr(visual, "output_tokens") and hasattr(visual, "proj"):  # ViT: projected patch tokens

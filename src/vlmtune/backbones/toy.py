@@ -82,3 +82,6 @@ class ToyBackbone(Backbone):
 
     def visual_prompt_site(self) -> nn.Module:
         return self.model.visual.ln_pre
+
+    def visual_blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.visual.blocks)

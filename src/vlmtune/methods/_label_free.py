@@ -30,7 +30,8 @@ from vlmtune.methods._prompt_clf import (
     train_prompt_classifier,
 )
 from vlmtune.methods._pseudo import PseudoLabels, split_validation, training_set, zero_shot_logits
-from vlmtune.methods.base import Method, Task
+from vlmtune.methods._tower import TowerClassifier, tower_scores
+from vlmtune.methods.base import Classifier, Method, Task
 
 PSEUDO_TEMPLATE_DOC = "pseudo-labelling template: 'dataset' = the dataset's own, 'ensemble' = all, or e.g. 'a {}.'"
 
@@ -117,7 +118,7 @@ class PseudoLabelPrompting(Method):
             warmup=self.warmup,  # type: ignore[arg-type]
         )
 
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> PseudoLabelClassifier:
+    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:
         unlabeled = unlabeled_of(task, self.name)
         feats = unlabeled.features.float()  # (N, D)
         labelled = task.train if isinstance(task.train, FeatureSet) else None
@@ -125,7 +126,7 @@ class PseudoLabelPrompting(Method):
         everything = torch.arange(len(feats))
         self.hooks.pseudo_labels(0, "all", everything, scores.argmax(1))
         rounds = self.rounds()
-        clf: PseudoLabelClassifier | None = None
+        clf: Classifier | None = None
         for r in range(rounds):
             pseudo = self.select(scores, r, rounds)
             if len(pseudo) == 0:
@@ -133,10 +134,17 @@ class PseudoLabelPrompting(Method):
             self.hooks.pseudo_labels(r + 1, "selected", pseudo.index, pseudo.labels)
             clf = self.train_round(handle, task, feats, pseudo, labelled, generator)
             if r + 1 < rounds:  # relabel all of U with the new prompt for the next round
-                scores = clf.logits(feats)
+                scores = self.relabel(clf, handle, task, feats)
                 self.hooks.pseudo_labels(r + 1, "all", everything, scores.argmax(1))
         assert clf is not None
         return clf
+
+    def relabel(self, clf: Classifier, handle: Backbone, task: Task, feats: torch.Tensor) -> torch.Tensor:
+        """Scores (N, K) of every unlabelled image under the round's model (from pixels if it tuned the tower)."""
+        if isinstance(clf, TowerClassifier):
+            assert task.images is not None
+            return tower_scores(clf, handle, task.images, getattr(self.config, "workers", None))
+        return clf.logits(feats)
 
     def train_round(
         self,
@@ -146,7 +154,7 @@ class PseudoLabelPrompting(Method):
         pseudo: PseudoLabels,
         labelled: FeatureSet | None,
         generator: torch.Generator,
-    ) -> PseudoLabelClassifier:
+    ) -> Classifier:
         """A new prompt trained on ``pseudo`` (+ labelled shots); the best epoch on the held-out pseudo-labels."""
         train, val = split_validation(pseudo, self.validation_fraction(), generator)
         data, targets = training_set(feats, train, labelled, task.num_classes)

@@ -10,9 +10,7 @@ image-conditioned and TMM's class-aware prompts are the last case, batched over 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.methods.base import TrainingHooks
+from vlmtune.schedule import Schedule, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 Position = Literal["end", "middle", "front"]
@@ -171,33 +170,6 @@ def init_context(
     return torch.randn(shape, generator=generator) * std
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """SGD with momentum, warm-up, then cosine decay.
-
-    ``warmup="constant"``: ``warmup_epochs`` at ``warmup_lr``, then cosine over the whole schedule (Dassl's
-    ConstantWarmupScheduler: CoOp / CoCoOp / TMM / UPL). ``"linear"``: the rate rises linearly from 0 to ``lr`` over
-    ``warmup_epochs``, then cosine over the remaining epochs (IFPL / GRIP's WarmupCosineSchedule, CPL).
-    """
-
-    lr: float = 0.002
-    epochs: int = 10
-    batch_size: int = 32
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    warmup: Literal["constant", "linear"] = "constant"
-
-    def lr_at(self, epoch: int) -> float:
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr if self.warmup == "constant" else self.lr * epoch / self.warmup_epochs
-        if self.warmup == "constant":
-            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
-        done = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)
-        return 0.5 * self.lr * (1 + math.cos(math.pi * done))
-
-
 def train_sgd_cosine(
     params: list[nn.Parameter],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -209,11 +181,9 @@ def train_sgd_cosine(
 ) -> None:
     """Minimise ``loss_fn(batch_index)`` over shuffled mini-batches of range(n) with ``schedule``; each epoch's
     mean loss (and what ``on_epoch(epoch)`` returns, e.g. a validation accuracy) goes to ``hooks.step``."""
-    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    opt = make_optimizer(params, schedule)
     for epoch in range(schedule.epochs):
-        lr = schedule.lr_at(epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, schedule, epoch)
         order = torch.randperm(n, generator=generator)
         total, batches = 0.0, 0
         for start in range(0, n, schedule.batch_size):

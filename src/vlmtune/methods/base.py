@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
     from vlmtune.backbones.base import Backbone
     from vlmtune.blackbox.api import ImageRefs
     from vlmtune.features.extract import FeatureSet, UnlabeledFeatures
+    from vlmtune.pixels.data import ImageSet
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
@@ -84,6 +85,9 @@ class Task:
             labelled shots of the semi-supervised regime), or None.
         val: labelled validation features for model selection, or None. Never test data.
         unlabeled: features of unlabelled images (label-free regimes): no labels exist in it, or None.
+        images: the same unlabelled images as pixels (``ImageSet`` without labels, in the order of ``unlabeled``),
+            for methods that train on pixels (``Method.wants_images``), else None.
+        train_images: the images of ``train`` as pixels with their labels (pixel methods), else None.
     """
 
     classnames: list[str]
@@ -91,6 +95,8 @@ class Task:
     train: FeatureSet | ImageRefs | None = None
     val: FeatureSet | ImageRefs | None = None
     unlabeled: UnlabeledFeatures | None = None
+    images: ImageSet | None = None
+    train_images: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -120,10 +126,15 @@ class Classifier(nn.Module, ABC):
         """Attach the backbone a loaded adapter computes through (prompt learners); a no-op for most."""
         return self
 
+    def image_encoder(self, backbone: Backbone) -> Backbone:
+        """The backbone whose image features this adapter scores: ``backbone`` itself, or (adapters that tuned the
+        image tower) its tuned copy, whose features are cached under its own fingerprint."""
+        return backbone
+
     def predict_images(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (N, 3, H, W) -> logits (N, K)."""
         with torch.no_grad():
-            return self.logits(backbone.encode_images(images))
+            return self.bind(backbone).logits(self.image_encoder(backbone).encode_images(images))
 
     def for_classnames(self, classnames: Sequence[str], backbone: Backbone) -> Classifier:
         """The same adapter for other class names (new classes), where the method allows it."""
@@ -131,6 +142,10 @@ class Classifier(nn.Module, ABC):
 
     def extra_meta(self) -> dict[str, Any]:
         """JSON-serialisable settings needed to rebuild the classifier (besides its tensors)."""
+        return {}
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved beside the state dict (e.g. a tuned image tower); ``from_state`` receives them too."""
         return {}
 
     @classmethod
@@ -144,10 +159,11 @@ class Classifier(nn.Module, ABC):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {
             k: (v.to(self.storage_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-            for k, v in self.state_dict().items()
+            for k, v in {**self.state_dict(), **self.extra_tensors()}.items()
         }
         save_file(tensors, str(folder / "adapter.safetensors"))
-        meta = {"method": self.method, "classnames": self.classnames, **self.extra_meta(), **info}
+        meta = {"method": self.method, "classifier": type(self).__name__, "classnames": self.classnames}
+        meta |= {**self.extra_meta(), **info}
         (folder / "adapter.json").write_text(json.dumps(meta, indent=1))
         return folder
 
@@ -156,7 +172,9 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """Load an adapter saved by ``Classifier.save`` (safetensors + JSON; never pickle)."""
     folder = Path(folder)
     meta = json.loads((folder / "adapter.json").read_text())
-    cls = get_method(meta["method"]).classifier
+    method = get_method(meta["method"])
+    kinds = {c.__name__: c for c in (method.classifier, *method.extra_classifiers)}
+    cls = kinds.get(meta.get("classifier", ""), method.classifier)
     tensors = {
         k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "adapter.safetensors")).items()
     }
@@ -170,6 +188,7 @@ class Method(ABC):
     capability: ClassVar[Capability]
     config_cls: ClassVar[type]
     classifier: ClassVar[type[Classifier]]
+    extra_classifiers: ClassVar[tuple[type[Classifier], ...]] = ()  # what else ``fit`` may return (by option)
     needs_labels: ClassVar[bool] = True  # False: label-free (gets ``Task.unlabeled``; labelled shots only if asked)
     default_shots: ClassVar[int] = 16  # labelled shots per class when the run names none (label-free: 0)
     needs_train: ClassVar[bool] = True  # False: fits from class names alone (zero-shot)
@@ -181,6 +200,10 @@ class Method(ABC):
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()
         self.hooks = TrainingHooks()
+
+    def wants_images(self) -> bool:
+        """Whether ``fit`` trains on pixels (``Task.images`` / ``Task.train_images``); may depend on the config."""
+        return False
 
     def box_options(self) -> dict[str, Any]:
         """Keyword options for the ``LocalBlackBox`` a black-box method is run against (e.g. visual prompts)."""
@@ -202,7 +225,8 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
-        cls.classifier.method = name
+        for clf in (cls.classifier, *cls.extra_classifiers):
+            clf.method = name
         _METHODS[name] = cls
         return cls
 

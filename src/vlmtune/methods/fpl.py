@@ -6,16 +6,32 @@ softmax probability (images that miss their class move to their next class; ``fi
 iteration. GRIP: K grows, int((t + 1) * N / 10 / C) in iteration t, to all of U. 20% of the pseudo-labels
 validate: the best epoch on them is kept. SGD lr 0.1, momentum 0.9, weight decay 0.1, batch 16, 150 epochs,
 cosine after 5 linear warm-up epochs. Trained on cached features (docs/fidelity.md).
+
+``modality=visual``: the same loop with visual prompts instead (Menghini et al.'s visual modality: VPT-shallow, 16
+tokens, N(0, 1) / sqrt(width)) trained on the pseudo-labelled images' pixels against the fixed class text
+features of the template; every iteration relabels U through the tuned tower. ``visual_tuning`` swaps VPT for
+deep VPT, LayerNorm-only or full tuning of the image tower.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 
-from vlmtune.methods._label_free import PseudoLabelClassifier, PseudoLabelPrompting, PseudoPromptConfig
+from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.tuning import TowerTuning
+from vlmtune.features.extract import FeatureSet
+from vlmtune.methods._label_free import (
+    PseudoLabelClassifier,
+    PseudoLabelPrompting,
+    PseudoPromptConfig,
+    pseudo_templates,
+)
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._pseudo import PseudoLabels, fill_top_k, grip_count
-from vlmtune.methods.base import register_method
+from vlmtune.methods._pseudo import PseudoLabels, fill_top_k, grip_count, split_validation
+from vlmtune.methods._tower import TowerClassifier, train_tower_round
+from vlmtune.methods.base import Classifier, Task, register_method
 
 
 @method_config
@@ -28,6 +44,23 @@ class FPLConfig(PseudoPromptConfig):
     batch_size: int = option(16, "images per step", ge=1)
     weight_decay: float = option(0.1, "SGD weight decay", ge=0)
     warmup_epochs: int = option(5, "linear warm-up epochs", ge=0)
+    modality: Literal["textual", "visual"] = option(
+        "textual", "textual: CoOp prompt on cached features; visual: image-tower tuning on pixels, text fixed"
+    )
+    visual_tuning: Literal["vpt-shallow", "vpt-deep", "layernorm", "full"] = option(
+        "vpt-shallow", "visual modality: what of the image tower trains"
+    )
+    visual_head: Literal["text", "linear"] = option(
+        "text", "visual modality: fixed class text features, or a linear head initialised from them and trained"
+    )
+    visual_tokens: int = option(16, "visual modality: prompt tokens per layer (VPT)", ge=1)
+    visual_init: Literal["randn", "uniform", "normal"] = option(
+        "randn", "VPT init: N(0,1)/sqrt(width) (Menghini), VPT's uniform, or N(0, 0.02)"
+    )
+    augment: Literal["none", "flip-crop", "mocov2", "latteclip", "fixmatch-weak", "fixmatch-strong"] = option(
+        "none", "visual modality: augmentation of the training views (vlmtune.pixels.augment)"
+    )
+    workers: int | None = option(None, "visual modality: DataLoader workers per process (none = cores - 1, <= 8)", ge=0)
 
 
 class IFPLClassifier(PseudoLabelClassifier):
@@ -38,9 +71,52 @@ class GRIPClassifier(PseudoLabelClassifier):
     pass
 
 
+class IFPLVisualClassifier(TowerClassifier):
+    pass
+
+
+class GRIPVisualClassifier(TowerClassifier):
+    pass
+
+
 class _FPL(PseudoLabelPrompting):
     config_cls = FPLConfig
     warmup = "linear"
+    visual_classifier: ClassVar[type[TowerClassifier]]
+
+    def wants_images(self) -> bool:
+        return self.config.modality == "visual"
+
+    def train_round(
+        self,
+        handle: Backbone,
+        task: Task,
+        feats: torch.Tensor,
+        pseudo: PseudoLabels,
+        labelled: FeatureSet | None,
+        generator: torch.Generator,
+    ) -> Classifier:
+        if self.config.modality == "textual":
+            return super().train_round(handle, task, feats, pseudo, labelled, generator)
+        cfg = self.config
+        train, val = split_validation(pseudo, self.validation_fraction(), generator)
+        tuning = TowerTuning(cfg.visual_tuning, cfg.visual_tokens, cfg.visual_init)
+        templates = pseudo_templates(task, cfg.template)
+        return train_tower_round(
+            self.visual_classifier,
+            handle,
+            task,
+            train,
+            val,
+            tuning,
+            self.schedule(),
+            generator,
+            self.hooks,
+            templates=templates,
+            head=cfg.visual_head,
+            augment=cfg.augment,
+            workers=cfg.workers,
+        )
 
     def per_class(self, n: int, classes: int, round: int, rounds: int) -> int:
         return self.config.shots
@@ -55,6 +131,8 @@ class IFPL(_FPL):
     """IFPL: iterative fixed pseudo-labelling, 16 per class filled to K, the prompt re-initialised each round."""
 
     classifier = IFPLClassifier
+    visual_classifier = IFPLVisualClassifier
+    extra_classifiers = (IFPLVisualClassifier,)
     summary = "IFPL: iterative top-16 (filled-to-K) pseudo-labels, CoOp re-initialised each iteration (label-free)"
 
 
@@ -63,6 +141,8 @@ class GRIP(_FPL):
     """GRIP: like IFPL with a pseudo-label set that grows each iteration to the whole unlabelled set."""
 
     classifier = GRIPClassifier
+    visual_classifier = GRIPVisualClassifier
+    extra_classifiers = (GRIPVisualClassifier,)
     summary = "GRIP: iterative, growing pseudo-label sets (to all of U), CoOp re-initialised each iteration"
 
     def per_class(self, n: int, classes: int, round: int, rounds: int) -> int:

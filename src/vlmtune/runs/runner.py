@@ -38,6 +38,8 @@ from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extrac
 from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
+from vlmtune.pixels.data import ImageSet
+from vlmtune.pixels.dist import device_for, dist_info, init_from_env, is_main
 from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
@@ -224,6 +226,7 @@ def make_task(
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
         val_split = base_new_split(splits["val"], cfg.subsample)
         val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
+    pixels = method(make_config(method, cfg.options)).wants_images()
     if not method.needs_labels:
         labelled, unlabeled = label_free_splits(splits, cfg)
         task = Task(
@@ -232,11 +235,15 @@ def make_task(
             train=source.features(labelled) if labelled is not None else None,
             val=val,
             unlabeled=source.features(unlabeled).without_labels(),
+            images=ImageSet.unlabelled(unlabeled) if pixels else None,
+            train_images=ImageSet.labelled(labelled) if pixels and labelled is not None else None,
         )
         return task, unlabeled
     train_split = train_split_for(splits, cfg)
     train = source.features(train_split)
-    return Task(train_split.classnames, train_split.templates, train=train, val=val), train_split
+    train_images = ImageSet.labelled(train_split) if pixels else None
+    task = Task(train_split.classnames, train_split.templates, train=train, val=val, train_images=train_images)
+    return task, train_split
 
 
 def split_logits(
@@ -257,8 +264,9 @@ def split_logits(
         return classifier.predict_blackbox(box, refs), refs.labels
     assert backbone is not None
     patches = bool(getattr(classifier, "needs_patches", False))
-    if source is None or (patches and not source.patches):
-        source = FeatureSource(backbone, source.cache if source else None, progress, patches)
+    encoder = classifier.image_encoder(backbone)  # a tuned tower: its own features, under its own fingerprint
+    if source is None or (patches and not source.patches) or source.backbone is not encoder:
+        source = FeatureSource(encoder, source.cache if source else None, progress, patches)
     data = source.features(split)
     return classifier.bind(backbone).score(data), data.labels
 
@@ -310,11 +318,16 @@ def run(
         raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
     if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
         raise VlmtuneError(f"--service trains black-box methods only; {cfg.method} needs the model itself")
+    if init_from_env(cfg.device).active:  # under torchrun: every process runs the job, rank 0 writes and reports
+        if method_cls.capability is Capability.BLACK_BOX:
+            raise VlmtuneError("black-box methods run in one process (torchrun is for white-box / label-free methods)")
+        if not is_main():
+            out_dir, progress, cache = None, False, None  # one writer: rank 0 (the others recompute features)
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None:
         prepare_run_dir(folder, resume, overwrite)
     if cfg.service is None:
-        backbone = backbone or load_backbone(cfg.backbone, cfg.device)
+        backbone = backbone or load_backbone(cfg.backbone, device_for(cfg.device))
     splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
     if "test" not in splits:
         raise VlmtuneError(f"{cfg.dataset} has no test split")
@@ -333,6 +346,8 @@ def run(
         training_log.close()
     result.method_config = asdict(method_config)
     result.notes = list(method.hooks.notes)
+    if dist_info().active:
+        result.notes.append(f"trained on {dist_info().world} processes (torchrun; DDP over {dist_info().world} shards)")
     if folder is not None:
         write_run_dir(folder, result)
     return result

@@ -1,0 +1,174 @@
+"""Tunable copies of a backbone's image tower: visual prompt tokens (VPT shallow / deep), LayerNorm-only tuning and
+full fine-tuning, and the state an adapter carries to rebuild them.
+
+``tunable_copy(backbone, tuning)`` deep-copies the backbone, freezes everything and opens to autograd only what
+``tuning.mode`` names; the loaded (memoised) base is never changed. ``tower_state(tuned, base)`` is what an
+adapter stores: a *state delta*, the tensors of the tuned model that differ from the base's, by value (bit-exact;
+unchanged tensors are not stored, so VPT and LayerNorm-only adapters stay small), including the prompt tokens.
+``restore_tower(base, tuning, state)`` rebuilds the tuned copy from a base with the same fingerprint.
+
+Visual prompts (Jia et al. 2022, VPT) are ``n`` learnable tokens appended after the class and patch tokens (and
+their positional embeddings) at the ViT's prompt site (``ln_pre``); ``vpt-deep`` replaces them with the next
+layer's own tokens at the input of every further block.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.errors import VlmtuneError
+
+TUNING_MODES = ("vpt-shallow", "vpt-deep", "layernorm", "full")
+PROMPT_INITS = ("randn", "uniform", "normal")
+PROMPTS_NAME = "vlmtune_visual_prompts"  # the prompt module's name inside the tuned model (its state key prefix)
+
+
+@dataclass(frozen=True)
+class TowerTuning:
+    """What of the image tower trains.
+
+    Attributes:
+        mode: ``vpt-shallow``, ``vpt-deep``, ``layernorm`` (every LayerNorm of the image tower, as ReCLIP) or
+            ``full`` (every parameter of the image tower).
+        tokens: visual prompt tokens per layer (VPT modes).
+        init: prompt init: ``randn`` (N(0, 1) / sqrt(width), Menghini et al.), ``uniform`` (VPT's
+            U(-v, v), v = sqrt(6 / (3 p^2 + width)) for patch size p), ``normal`` (N(0, 0.02), MaPLe).
+    """
+
+    mode: str = "vpt-shallow"
+    tokens: int = 16
+    init: str = "randn"
+
+    def __post_init__(self) -> None:
+        if self.mode not in TUNING_MODES:
+            raise VlmtuneError(f"unknown image-tower tuning {self.mode!r} (choose from {', '.join(TUNING_MODES)})")
+        if self.init not in PROMPT_INITS:
+            raise VlmtuneError(f"unknown visual prompt init {self.init!r} (choose from {', '.join(PROMPT_INITS)})")
+        if self.tokens < 1:
+            raise VlmtuneError(f"visual prompt tokens must be >= 1, got {self.tokens}")
+
+    @property
+    def prompted(self) -> bool:
+        return self.mode.startswith("vpt")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class VisualPrompts(nn.Module):
+    """Prompt tokens ``tokens`` (layers, n, W): row 0 appended at the prompt site, row i replaces them at block i."""
+
+    def __init__(self, layers: int, n: int, width: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.zeros(layers, n, width))
+        self.batch_first = True
+
+    def append(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]  # (B, 1+P, W) at the prompt site (always batch-first there)
+        tokens = self.tokens[0].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, W)
+        return (torch.cat([x, tokens], 1), *args[1:])  # (B, 1+P+n, W)
+
+    def replace(
+        self, layer: int, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Forward pre-hook of block ``layer``: its input's last n tokens become this layer's prompts."""
+        positional = bool(args)
+        x = args[0] if positional else kwargs["hidden_states"]
+        n = self.tokens.shape[1]
+        own = self.tokens[layer].to(x.dtype)  # (n, W)
+        if self.batch_first:  # (B, N, W)
+            x = torch.cat([x[:, :-n], own.expand(x.shape[0], -1, -1)], 1)
+        else:  # (N, B, W)
+            x = torch.cat([x[:-n], own[:, None].expand(-1, x.shape[1], -1)], 0)
+        if positional:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+
+def _patch_size(tower: nn.Module) -> int:
+    conv = next((m for m in tower.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(conv.kernel_size[0]) if conv is not None else 16
+
+
+def _install_prompts(tuned: Backbone, tuning: TowerTuning, generator: torch.Generator | None) -> VisualPrompts:
+    site, blocks, width = tuned.visual_prompt_site(), tuned.visual_blocks(), tuned.visual_width
+    if site is None or not blocks or width is None:
+        raise VlmtuneError(f"{tuned.spec}: the image tower is not a ViT; visual prompt tuning needs one")
+    layers = len(blocks) if tuning.mode == "vpt-deep" else 1
+    prompts = VisualPrompts(layers, tuning.tokens, width)
+    prompts.batch_first = tuned.visual_batch_first
+    shape = tuple(prompts.tokens.shape)
+    with torch.no_grad():
+        if tuning.init == "randn":
+            init = torch.randn(shape, generator=generator) * width**-0.5
+        elif tuning.init == "uniform":
+            bound = math.sqrt(6.0 / (3 * _patch_size(tuned.image_tower()) ** 2 + width))
+            init = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            init = torch.randn(shape, generator=generator) * 0.02
+        prompts.tokens.copy_(init)
+    prompts.to(tuned.device)
+    tuned.model.add_module(PROMPTS_NAME, prompts)
+    site.register_forward_pre_hook(prompts.append)
+    for i in range(1, layers):
+        blocks[i].register_forward_pre_hook(functools.partial(prompts.replace, i), with_kwargs=True)
+    tuned.visual_prompt_tokens = tuning.tokens
+    return prompts
+
+
+def tunable_copy(backbone: Backbone, tuning: TowerTuning, generator: torch.Generator | None = None) -> Backbone:
+    """A deep copy of ``backbone`` whose image tower trains as ``tuning`` says; every other weight is frozen."""
+    if backbone.visual_prompt_tokens:
+        raise VlmtuneError(f"{backbone.spec}: already a tuned copy; tune the base backbone instead")
+    tuned = copy.deepcopy(backbone)
+    tuned.__dict__.pop("_fingerprint", None)  # its weights will change: never reuse the base's cached hash
+    tuned.model.requires_grad_(False)
+    tower = tuned.image_tower()
+    if tuning.prompted:
+        _install_prompts(tuned, tuning, generator).requires_grad_(True)
+    elif tuning.mode == "layernorm":
+        for m in tower.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.requires_grad_(True)
+    else:
+        tower.requires_grad_(True)
+    return tuned
+
+
+def trainable_parameters(tuned: Backbone) -> list[nn.Parameter]:
+    return [p for p in tuned.model.parameters() if p.requires_grad]
+
+
+def tower_state(tuned: Backbone, base: Backbone) -> dict[str, torch.Tensor]:
+    """The tensors of ``tuned`` that ``base`` lacks or holds with other values (by value, on the CPU)."""
+    base_state = base.model.state_dict()
+    out = {}
+    for name, value in tuned.model.state_dict().items():
+        old = base_state.get(name)
+        if old is None or old.shape != value.shape or not torch.equal(old, value):
+            out[name] = value.detach().cpu().clone()
+    return out
+
+
+def restore_tower(base: Backbone, tuning: TowerTuning, state: dict[str, torch.Tensor]) -> Backbone:
+    """The tuned copy of ``base`` that ``tower_state`` described (frozen, for inference)."""
+    tuned = tunable_copy(base, tuning)
+    missing_ok = set(tuned.model.state_dict())
+    unknown = sorted(set(state) - missing_ok)
+    if unknown:
+        raise VlmtuneError(
+            f"the adapter's image tower has tensors {base.spec} does not: {', '.join(unknown[:3])}"
+            + (" ..." if len(unknown) > 3 else "")
+        )
+    tuned.model.load_state_dict(state, strict=False)
+    tuned.model.requires_grad_(False)
+    tuned.__dict__.pop("_fingerprint", None)
+    return tuned

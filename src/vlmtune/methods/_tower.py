@@ -1,0 +1,197 @@
+"""Adapters that tuned the image tower, and the pseudo-label training round on pixels that makes them.
+
+``TowerClassifier`` scores features of a tuned copy of the backbone (``image_encoder``) with a head: class text
+features (a cosine classifier) or a linear head. It carries the tower as a state delta against the base
+(``backbones.tuning.tower_state``: the tensors that differ, by value) plus the base's fingerprint: loading it on
+another base is refused. Its features are cached under the tuned copy's own fingerprint.
+
+``train_tower_round`` is the visual counterpart of a CoOp round on pseudo-labels: a fresh tunable copy (VPT,
+LayerNorm-only or full), cross-entropy of s * cos(f(x), g_c) on augmented views of the pseudo-labelled images
+(+ labelled shots), the epoch that is best on held-out pseudo-labels kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.tuning import TowerTuning, restore_tower, tower_state, trainable_parameters, tunable_copy
+from vlmtune.errors import VlmtuneError
+from vlmtune.methods._pseudo import PseudoLabels
+from vlmtune.methods._text import class_text_weights
+from vlmtune.methods.base import Classifier, Task, TrainingHooks
+from vlmtune.pixels import ImageSet, LabelledViews, LossModule, ViewDataset, encode_all, make_loader, train_pixels
+from vlmtune.pixels import view as make_view
+from vlmtune.schedule import Schedule
+
+TOWER_PREFIX = "tower."
+
+
+class TowerClassifier(Classifier):
+    """A head (K, D) on the image features of a tuned tower; ``settings``: scale, cosine (text features of
+    ``templates``) or a linear head, tuning, base_fingerprint."""
+
+    def __init__(
+        self,
+        classnames: Sequence[str],
+        weight: torch.Tensor,
+        settings: dict[str, Any],
+        tower: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(classnames)
+        self.weight = nn.Parameter(weight.detach().float().clone())  # (K, D)
+        self.bias = nn.Parameter(bias.detach().float().clone() if bias is not None else torch.zeros(len(classnames)))
+        self.settings = dict(settings)
+        self.tower = dict(tower)
+        self._encoder: tuple[Backbone, Backbone] | None = None  # (base, its tuned copy)
+
+    @classmethod
+    def from_tuned(
+        cls,
+        classnames: Sequence[str],
+        weight: torch.Tensor,
+        settings: dict[str, Any],
+        tuned: Backbone,
+        base: Backbone,
+        tuning: TowerTuning,
+    ) -> TowerClassifier:
+        settings = {**settings, "tuning": tuning.to_json(), "base_fingerprint": base.fingerprint()}
+        clf = cls(classnames, weight, settings, tower_state(tuned, base))
+        tuned.model.requires_grad_(False)
+        tuned.__dict__.pop("_fingerprint", None)
+        clf._encoder = (base, tuned)
+        return clf
+
+    @property
+    def tuning(self) -> TowerTuning:
+        return TowerTuning(**self.settings["tuning"])
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(features.float(), dim=-1).to(self.weight.device)  # (N, D)
+        w = F.normalize(self.weight, dim=-1) if self.settings.get("cosine", True) else self.weight
+        with torch.no_grad():
+            return (float(self.settings["scale"]) * f @ w.T + self.bias).cpu()  # (N, K)
+
+    def image_encoder(self, backbone: Backbone) -> Backbone:
+        if self._encoder is not None and self._encoder[0] is backbone:
+            return self._encoder[1]
+        expected = self.settings["base_fingerprint"]
+        if backbone.fingerprint() != expected:
+            raise VlmtuneError(
+                f"this {self.method} adapter tuned the image tower of a backbone with fingerprint {expected}; "
+                f"{backbone.spec} has {backbone.fingerprint()} (load the backbone it was trained on)"
+            )
+        tuned = restore_tower(backbone, self.tuning, self.tower)
+        self._encoder = (backbone, tuned)
+        return tuned
+
+    def for_classnames(self, classnames: Sequence[str], backbone: Backbone) -> TowerClassifier:
+        templates = self.settings.get("templates")
+        if not templates or not self.settings.get("cosine", True):
+            raise NotImplementedError(f"{self.method}: a trained linear head cannot describe new class names")
+        weight = class_text_weights(backbone, classnames, templates)  # (K', D)
+        clf = type(self)(classnames, weight, self.settings, self.tower)
+        clf._encoder = self._encoder
+        return clf
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {"settings": self.settings}
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {TOWER_PREFIX + k: v for k, v in self.tower.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TowerClassifier:
+        tower = {k.removeprefix(TOWER_PREFIX): v for k, v in tensors.items() if k.startswith(TOWER_PREFIX)}
+        return cls(meta["classnames"], tensors["weight"], meta["settings"], tower, tensors.get("bias"))
+
+
+def _seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def tower_scores(clf: TowerClassifier, base: Backbone, images: ImageSet, workers: int | None = None) -> torch.Tensor:
+    """Logits (N, K) of every image of ``images`` through the adapter's tuned tower (no augmentation)."""
+    encoder = clf.image_encoder(base)
+    feats = encode_all(encoder, ViewDataset(images, [make_view("none", encoder)]), workers=workers)  # (N, D)
+    return clf.logits(feats)
+
+
+def train_tower_round(
+    cls: type[TowerClassifier],
+    base: Backbone,
+    task: Task,
+    train: PseudoLabels,
+    val: PseudoLabels,
+    tuning: TowerTuning,
+    schedule: Schedule,
+    generator: torch.Generator,
+    hooks: TrainingHooks,
+    *,
+    templates: Sequence[str],
+    head: str = "text",
+    augment: str = "none",
+    workers: int | None = None,
+) -> TowerClassifier:
+    """A fresh tuned tower trained with CE on the pseudo-labelled images ``train`` (+ ``task.train_images``); the
+    epoch best on ``val`` (accuracy on its pseudo-labels) kept. ``head="text"``: logits s * cos(f(x), g_c) against
+    the fixed class text features of ``templates``; ``"linear"``: a linear head W f(x) / |f(x)| * s + b initialised
+    with those text features (W) and zeros (b), trained with the tower."""
+    if task.images is None:
+        raise VlmtuneError("this method trains on pixels: the runner gives Task.images (run it through the runner)")
+    if head not in ("text", "linear"):
+        raise VlmtuneError(f"unknown head {head!r} (text or linear)")
+    tuned = tunable_copy(base, tuning, generator)
+    weights = class_text_weights(base, task.classnames, templates)  # (K, D)
+    scale, device = base.logit_scale, tuned.device
+    linear = nn.Linear(weights.shape[1], weights.shape[0]).to(device)
+    with torch.no_grad():
+        linear.weight.copy_(weights)
+        linear.bias.zero_()
+    linear.requires_grad_(head == "linear")
+    cosine = head == "text"
+
+    def classify(feats: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
+        w = F.normalize(linear.weight, dim=-1) if cosine else linear.weight
+        return scale * F.normalize(feats.float(), dim=-1) @ w.T + linear.bias
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(classify(tuned.encode_images(x)), y)  # (B, K) vs (B,)
+
+    sources = [(task.images, train.index, train.labels)]
+    if task.train_images is not None and task.train_images.labels is not None:
+        shots = task.train_images
+        sources.append((shots, torch.arange(len(shots)), shots.labels))
+    data = LabelledViews(sources, make_view(augment, tuned))
+    loader = make_loader(data, schedule.batch_size, seed=_seed(generator), workers=workers)
+    params = trainable_parameters(tuned) + [p for p in linear.parameters() if p.requires_grad]
+    best: dict[str, Any] = {"acc": -1.0, "state": None}
+    on_epoch = None
+    if len(val) > 0:
+        plain = ViewDataset(task.images, [make_view("none", tuned)])
+
+        def on_epoch(epoch: int) -> dict[str, float]:
+            feats = encode_all(tuned, plain, index=val.index.tolist(), workers=workers).to(device)  # (V, D)
+            with torch.no_grad():
+                acc = float((classify(feats).argmax(1).cpu() == val.labels).float().mean())
+            if acc > best["acc"]:
+                best.update(acc=acc, state=[p.detach().clone() for p in params])
+            return {"pseudo_val_acc": 100 * acc}
+
+    module = LossModule({"tower": tuned.model, "head": linear}, loss)
+    train_pixels(module, loader, schedule, step=hooks.step, on_epoch=on_epoch, device=device)
+    if best["state"] is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best["state"], strict=True):
+                p.copy_(kept)
+    settings = {"scale": scale, "cosine": cosine, "templates": list(templates)}
+    clf = cls.from_tuned(task.classnames, linear.weight.detach().cpu(), settings, tuned, base, tuning)
+    with torch.no_grad():
+        clf.bias.copy_(linear.bias.detach().cpu())
+    return clf
