@@ -101,6 +101,19 @@ def hf_tiny(tmp_path_factory):
     return folder, model
 
 
+def capture_task(monkeypatch, method_cls) -> dict:
+    """Record the ``Task`` the runner hands ``method_cls.fit`` (in the returned dict, key "task")."""
+    seen: dict = {}
+    original = method_cls.fit
+
+    def spy(self, handle, task, *, generator):
+        seen["task"] = task
+        return original(self, handle, task, generator=generator)
+
+    monkeypatch.setattr(method_cls, "fit", spy)
+    return seen
+
+
 # Small black-box settings for the contract suite (the full-budget evidence lives in test_blackbox_methods.py).
 FAST_OPTIONS = {
     "bbt": {"budget": 200, "popsize": 10, "subspace": 64},

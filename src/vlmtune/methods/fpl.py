@@ -60,7 +60,9 @@ class FPLConfig(PseudoPromptConfig):
     augment: Literal["none", "flip-crop", "mocov2", "latteclip", "fixmatch-weak", "fixmatch-strong"] = option(
         "none", "visual modality: augmentation of the training views (vlmtune.pixels.augment)"
     )
-    workers: int | None = option(None, "visual modality: DataLoader workers per process (none = cores - 1, <= 8)", ge=0)
+    workers: int | None = option(
+        None, "visual modality: DataLoader workers per process (none = cores - 1, <= 8; 0 on <= 2 cores)", ge=0
+    )
 
 
 class IFPLClassifier(PseudoLabelClassifier):
@@ -133,7 +135,7 @@ class IFPL(_FPL):
     classifier = IFPLClassifier
     visual_classifier = IFPLVisualClassifier
     extra_classifiers = (IFPLVisualClassifier,)
-    summary = "IFPL: iterative top-16 (filled-to-K) pseudo-labels, CoOp re-initialised each iteration (label-free)"
+    summary = "IFPL: iterative top-16 (filled-to-K) pseudo-labels, a new CoOp (or visual) prompt each iteration"
 
 
 @register_method("grip")
@@ -143,7 +145,7 @@ class GRIP(_FPL):
     classifier = GRIPClassifier
     visual_classifier = GRIPVisualClassifier
     extra_classifiers = (GRIPVisualClassifier,)
-    summary = "GRIP: iterative, growing pseudo-label sets (to all of U), CoOp re-initialised each iteration"
+    summary = "GRIP: iterative, growing pseudo-label sets (to all of U), a new CoOp (or visual) prompt each time"
 
     def per_class(self, n: int, classes: int, round: int, rounds: int) -> int:
         return grip_count(n, classes, round, rounds)

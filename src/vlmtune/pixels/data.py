@@ -94,9 +94,11 @@ class _Subset(Dataset):
 
 
 def default_workers() -> int:
-    """DataLoader workers per process: the cores this process may use, less one for the training loop (<= 8)."""
+    """DataLoader workers per process: the cores this process may use less one for the training loop (at most 8);
+    none with two cores or fewer, where a worker only competes with the training step (benchmarks/pixel_training)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, dist_info().world) - 1))
+    cores //= max(1, dist_info().world)
+    return 0 if cores <= 2 else min(8, cores - 1)
 
 
 def make_loader(
