@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +145,8 @@ def test_encode_all_matches_the_backbone_and_keeps_the_order(toy):
     torch.testing.assert_close(encode_all(toy, data, batch_size=7, workers=0), direct, atol=1e-5, rtol=1e-4)
     some = encode_all(toy, data, index=[5, 2, 9], workers=0)
     torch.testing.assert_close(some, direct[[5, 2, 9]], atol=1e-5, rtol=1e-4)
+    forked = encode_all(toy, data, batch_size=8, workers=1)  # decoded in a DataLoader worker process
+    torch.testing.assert_close(forked, direct, atol=1e-5, rtol=1e-4)
 
 
 def test_ema_encoder_and_moco_queue():
@@ -168,11 +171,12 @@ def test_ema_encoder_and_moco_queue():
     assert logits.shape == (1, 6) and logits[0, 0] == pytest.approx(5.0)
 
 
-def test_visual_grip_trains_from_pixels_and_its_adapter_carries_the_tower(toy, tmp_path):
+def test_visual_grip_trains_from_pixels_and_its_adapter_carries_the_tower(toy, tmp_path, monkeypatch):
     from vlmtune.cli import main
     from vlmtune.features import FeatureCache
     from vlmtune.methods.base import load_classifier
 
+    monkeypatch.chdir(tmp_path)
     cache = FeatureCache(tmp_path / "cache")
     cfg = RunConfig(method="grip", dataset="toy:shapes-noisy", options=FAST_VISUAL)
     result = run(cfg, tmp_path / "run", cache=cache, backbone=toy, progress=False)
@@ -188,6 +192,17 @@ def test_visual_grip_trains_from_pixels_and_its_adapter_carries_the_tower(toy, t
     assert {toy.fingerprint(), tuned.fingerprint()} <= fingerprints  # test features cached under the tower's own
     assert main(["-q", "eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "e.json"), "--no-cache"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["acc1"] == result.accuracy["test"]
+    test = load_dataset("toy:shapes-noisy")["test"]
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        test.image(i).save(tmp_path / "imgs" / f"{i}.png")
+    assert main(["-q", "predict", "--run", str(tmp_path / "run"), str(tmp_path / "imgs"), "--out", "p.csv"]) == 0
+    rows = (Path("p.csv").read_text().splitlines())[1:]
+    x = torch.stack([toy.preprocess(test.image(i)) for i in range(3)])
+    expected = clf.logits(tuned.encode_images(x)).argmax(1).tolist()  # through the tuned tower, not the base
+    assert [r.split(",")[1] for r in rows] == [test.classnames[k] for k in expected]
+    renamed = clf.for_classnames(["red square", "blue circle"], toy)  # new class names, the same tuned tower
+    assert renamed.image_encoder(toy) is tuned and renamed.predict_images(toy, x).shape == (3, 2)
     other = load_backbone("toy", cache=False)
     with torch.no_grad():
         other.model.visual.ln_pre.weight.mul_(2)
