@@ -30,7 +30,7 @@ from vlmtune.pixels.data import default_workers
 from vlmtune.schedule import Schedule
 
 
-def _setup(args: argparse.Namespace, images: ImageSet) -> tuple[object, nn.Linear, LossModule]:
+def _setup(args: argparse.Namespace) -> tuple[object, LossModule]:
     base = load_backbone(args.backbone, args.device, cache=False)
     tuned = tunable_copy(base, TowerTuning("full"))
     head = nn.Linear(base.embed_dim, args.classes).to(tuned.device)
@@ -38,7 +38,7 @@ def _setup(args: argparse.Namespace, images: ImageSet) -> tuple[object, nn.Linea
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(F.normalize(tuned.encode_images(x), dim=-1)), y)
 
-    return tuned, head, LossModule({"tower": tuned.model, "head": head}, loss)
+    return tuned, LossModule({"tower": tuned.model, "head": head}, loss)
 
 
 def _data(args: argparse.Namespace, tuned: object, images: ImageSet) -> LabelledViews:
@@ -54,7 +54,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_vlmtune(args: argparse.Namespace, images: ImageSet) -> tuple[float, float | None]:
-    tuned, _, module = _setup(args, images)
+    tuned, module = _setup(args)
     data = _data(args, tuned, images)
     device = tuned.device
     loader = make_loader(data, args.batch, seed=0, pin_memory=device.type == "cuda", workers=args.workers)
@@ -71,7 +71,7 @@ def run_vlmtune(args: argparse.Namespace, images: ImageSet) -> tuple[float, floa
 
 
 def run_plain(args: argparse.Namespace, images: ImageSet) -> tuple[float, float | None]:
-    tuned, _, module = _setup(args, images)
+    tuned, module = _setup(args)
     data = _data(args, tuned, images)
     device = tuned.device
     params = [p for p in module.parameters() if p.requires_grad]

@@ -170,5 +170,4 @@ def restore_tower(base: Backbone, tuning: TowerTuning, state: dict[str, torch.Te
         )
     tuned.model.load_state_dict(state, strict=False)
     tuned.model.requires_grad_(False)
-    tuned.__dict__.pop("_fingerprint", None)
     return tuned

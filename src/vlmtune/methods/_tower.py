@@ -64,7 +64,6 @@ class TowerClassifier(Classifier):
         settings = {**settings, "tuning": tuning.to_json(), "base_fingerprint": base.fingerprint()}
         clf = cls(classnames, weight, settings, tower_state(tuned, base))
         tuned.model.requires_grad_(False)
-        tuned.__dict__.pop("_fingerprint", None)
         clf._encoder = (base, tuned)
         return clf
 

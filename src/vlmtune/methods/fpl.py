@@ -84,7 +84,11 @@ class GRIPVisualClassifier(TowerClassifier):
 class _FPL(PseudoLabelPrompting):
     config_cls = FPLConfig
     warmup = "linear"
-    visual_classifier: ClassVar[type[TowerClassifier]]
+    visual_classifier: ClassVar[type[TowerClassifier]]  # what fit returns with modality=visual
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.extra_classifiers = (cls.visual_classifier,)  # adapters name it: load_classifier finds it
 
     def wants_images(self) -> bool:
         return self.config.modality == "visual"
@@ -134,7 +138,6 @@ class IFPL(_FPL):
 
     classifier = IFPLClassifier
     visual_classifier = IFPLVisualClassifier
-    extra_classifiers = (IFPLVisualClassifier,)
     summary = "IFPL: iterative top-16 (filled-to-K) pseudo-labels, a new CoOp (or visual) prompt each iteration"
 
 
@@ -144,7 +147,6 @@ class GRIP(_FPL):
 
     classifier = GRIPClassifier
     visual_classifier = GRIPVisualClassifier
-    extra_classifiers = (GRIPVisualClassifier,)
     summary = "GRIP: iterative, growing pseudo-label sets (to all of U), a new CoOp (or visual) prompt each time"
 
     def per_class(self, n: int, classes: int, round: int, rounds: int) -> int:

@@ -28,7 +28,6 @@ class ImageSet:
 
     def __init__(self, split: DatasetSplit, labels: torch.Tensor | None) -> None:
         self._split, self.labels = split, labels
-        self.name = f"{split.dataset}/{split.split}"
 
     @classmethod
     def unlabelled(cls, split: DatasetSplit) -> ImageSet:

@@ -39,7 +39,7 @@ from vlmtune.methods._blackbox import BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
 from vlmtune.pixels.data import ImageSet
-from vlmtune.pixels.dist import device_for, dist_info, init_from_env, is_main
+from vlmtune.pixels.dist import device_for, init_from_env
 from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
@@ -210,14 +210,16 @@ def label_free_splits(splits: dict[str, DatasetSplit], cfg: RunConfig) -> tuple[
 
 
 def make_task(
-    splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig
+    splits: dict[str, DatasetSplit], source: FeatureSource, cfg: RunConfig, method: Method | None = None
 ) -> tuple[Task, DatasetSplit | None]:
     """The method's ``Task``. Label-free methods get the unlabelled images with their labels removed (and the
     labelled shots of the semi-supervised regime in ``train``). Returns the training split too: the labelled one,
-    the unlabelled one for label-free methods, None for methods that fit from class names alone."""
+    the unlabelled one for label-free methods, None for methods that fit from class names alone. ``method``: the
+    configured instance that will fit (built from ``cfg`` if not given), asked whether it trains on pixels."""
     cfg = with_shots(cfg)
     assert cfg.shots is not None
-    method = get_method(cfg.method)
+    if method is None:
+        method = get_method(cfg.method)(make_config(get_method(cfg.method), cfg.options))
     if not method.needs_train:
         names = base_new_split(splits.get("train", splits["test"]), cfg.subsample)
         return Task(classnames=names.classnames, templates=names.templates), None
@@ -226,7 +228,7 @@ def make_task(
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
         val_split = base_new_split(splits["val"], cfg.subsample)
         val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
-    pixels = method(make_config(method, cfg.options)).wants_images()
+    pixels = method.wants_images()
     if not method.needs_labels:
         labelled, unlabeled = label_free_splits(splits, cfg)
         task = Task(
@@ -318,10 +320,11 @@ def run(
         raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
     if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
         raise VlmtuneError(f"--service trains black-box methods only; {cfg.method} needs the model itself")
-    if init_from_env(cfg.device).active:  # under torchrun: every process runs the job, rank 0 writes and reports
+    processes = init_from_env(cfg.device)
+    if processes.active:  # under torchrun: every process runs the job, rank 0 writes and reports
         if method_cls.capability is Capability.BLACK_BOX:
             raise VlmtuneError("black-box methods run in one process (torchrun is for white-box / label-free methods)")
-        if not is_main():
+        if processes.rank != 0:
             out_dir, progress, cache = None, False, None  # one writer: rank 0 (the others recompute features)
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None:
@@ -346,8 +349,8 @@ def run(
         training_log.close()
     result.method_config = asdict(method_config)
     result.notes = list(method.hooks.notes)
-    if dist_info().active:
-        result.notes.append(f"trained on {dist_info().world} processes (torchrun; DDP over {dist_info().world} shards)")
+    if processes.active:
+        result.notes.append(f"trained on {processes.world} processes (torchrun; DDP over {processes.world} shards)")
     if folder is not None:
         write_run_dir(folder, result)
     return result
@@ -370,7 +373,7 @@ def _run_features(
     progress: bool,
 ) -> RunResult:
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
-    task, train_split = make_task(splits, source, cfg)
+    task, train_split = make_task(splits, source, cfg, method)
     watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)
