@@ -114,6 +114,7 @@ def capture_task(monkeypatch, method_cls) -> dict:
     return seen
 
 
+FAST_COFT = {"peft_epochs": 2, "fft_epochs": 1, "n_ctx": 4, "vpt_tokens": 2, "shots": 4, "workers": 0, "final": "first"}
 # Small black-box settings for the contract suite (the full-budget evidence lives in test_blackbox_methods.py).
 FAST_OPTIONS = {
     "bbt": {"budget": 200, "popsize": 10, "subspace": 64},
@@ -126,6 +127,8 @@ FAST_OPTIONS = {
     "ifpl": {"iterations": 2, "epochs": 3, "n_ctx": 4},
     "grip": {"iterations": 2, "epochs": 3, "n_ctx": 4},
     "cpl": {"iterations": 2, "epochs": 3, "n_ctx": 4},
+    "coft": FAST_COFT,
+    "coft_plus": {**FAST_COFT, "rounds": 1, "moco_queue": 64, "moco_dim": 16},
 }
 
 
@@ -137,7 +140,7 @@ def toy_setup(toy):
     from vlmtune.capabilities import Capability
     from vlmtune.data import few_shot
     from vlmtune.methods.base import Task, get_method, make_config
-    from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, upload_split
+    from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, split_logits, upload_split
 
     sources = {patches: FeatureSource(toy, None, progress=False, patches=patches) for patches in (False, True)}
     boxes: dict = {}
@@ -163,13 +166,16 @@ def toy_setup(toy):
 
             return fit, (lambda clf: clf.predict_blackbox(box, test)), test.labels, task
         source = sources[method_cls.needs_patches]
-        task, _ = make_task(splits, source, RunConfig(method=method, dataset=dataset))
+        task, _ = make_task(splits, source, RunConfig(method=method, dataset=dataset), method_cls(cfg))
         test = source.features(splits["test"])
 
         def fit_features(seed: int = 1):
             return method_cls(cfg).fit(toy, task, generator=torch.Generator().manual_seed(seed))
 
-        return fit_features, (lambda clf: clf.bind(toy).score(test)), test.labels, task
+        def predict(clf):  # through the adapter's image encoder (a tuned tower has its own features)
+            return split_logits(clf, toy, splits["test"], source, False)[0]
+
+        return fit_features, predict, test.labels, task
 
     return get
 

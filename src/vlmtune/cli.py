@@ -86,6 +86,7 @@ def _fit_config(args: argparse.Namespace) -> Any:
         "query_budget": args.query_budget,
         "curve_every": args.curve_every,
         "service": args.service,
+        "student": args.student,
     }
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}
     merged["skip_corrupt"] = args.skip_corrupt or bool(base.get("skip_corrupt", False))
@@ -291,8 +292,12 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 
     sweep = args.kind in protocols.SWEEPS
     shots = args.shots or ([1, 2, 4, 8, 16] if sweep else [16])
-    if args.kind == "unsupervised" and args.shots:
-        raise VlmtuneError("unsupervised takes no --shots (semi-supervised: labelled shots + the rest unlabelled)")
+    if args.kind in ("unsupervised", "noisy-labels", "distill") and args.shots:
+        raise VlmtuneError(f"{args.kind} takes no --shots (semi-supervised: labelled shots + the rest unlabelled)")
+    if args.kind == "distill" and not args.student:
+        raise VlmtuneError(
+            "distill needs --student (the backbone Phase II fine-tunes; --teacher or --backbone pseudo-labels)"
+        )
     if not sweep and len(shots) != 1:
         raise VlmtuneError(f"{args.kind} takes one --shots value")
     if any(k < 1 for k in shots):
@@ -301,7 +306,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
         raise VlmtuneError("transfer needs --targets (datasets to test on)")
     folder = Path(args.out or f"runs/{args.kind}-{args.dataset.replace(':', '_')}")
     settings = ProtocolSettings(
-        backbone=args.backbone or "toy",
+        backbone=args.teacher or args.backbone or "toy",
         cache=open_cache(args.cache_dir, not args.no_cache),
         options=_method_options(args.set),
         progress=_progress(args),
@@ -319,6 +324,11 @@ def cmd_protocol(args: argparse.Namespace) -> int:
             result = protocols.semi_supervised(args.methods, args.dataset, shots, args.seeds, settings)
         elif args.kind == "unsupervised":
             result = protocols.unsupervised(args.methods, args.dataset, args.seeds, settings)
+        elif args.kind == "noisy-labels":
+            result = protocols.noisy_labels(args.methods, args.dataset, args.noise, args.seeds, settings)
+        elif args.kind == "distill":
+            teacher = args.teacher or args.backbone or "toy"
+            result = protocols.distill(args.methods, args.dataset, teacher, args.student, args.seeds, settings)
         elif args.kind == "base-to-new":
             result = base_to_new(args.methods, args.dataset, shots[0], args.seeds, settings)
         else:
@@ -448,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", default=None, help="black-box methods: train through a vlmtune service at this URL")
     p.add_argument("--api-key", default=None, help="key for --service (default: $VLMTUNE_API_KEY)")
+    p.add_argument(
+        "--student", default=None, help="distillation (coft, coft_plus): the backbone fine-tuned; --backbone teaches"
+    )
     p.set_defaults(fn=cmd_fit)
 
     p = command(
@@ -503,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "protocol",
         help="evaluation protocols: few-shot sweep, base-to-new, transfer (cross-dataset / domain generalisation), "
-        "unsupervised and semi-supervised (label-free methods)",
+        "unsupervised, semi-supervised, noisy-labels and distill (label-free methods)",
         description="Run methods under one of the papers' protocols and write JSON, CSV, a Markdown table of "
         "mean ± std over seeds (and, for few-shot, a plot of accuracy vs shots). Each finished job is kept in "
         "<out>/jobs.jsonl; --resume skips those. Examples:\n"
@@ -513,10 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets toy:toynet-v2 toy:toynet-sketch\n"
         "  vlmtune protocol unsupervised --methods zeroshot upl grip --dataset toy:toynet-noisy-pool "
         "--set upl.n_ctx=8 --set grip.n_ctx=8\n"
-        "  vlmtune protocol semi-supervised --methods upl grip --dataset toy:shapes-noisy-pool --shots 1 4 16",
+        "  vlmtune protocol semi-supervised --methods upl grip --dataset toy:shapes-noisy-pool --shots 1 4 16\n"
+        "  vlmtune protocol noisy-labels --methods linear_probe coft --dataset toy:toynet-noisy-pool "
+        "--noise pairflip-0.4 --set coft.n_ctx=8\n"
+        "  vlmtune protocol distill --methods coft --dataset toy:shapes-noisy-pool --teacher toy --student toy:small "
+        "--set coft.n_ctx=8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("kind", choices=("few-shot", "base-to-new", "transfer", "unsupervised", "semi-supervised"))
+    p.add_argument(
+        "kind",
+        choices=("few-shot", "base-to-new", "transfer", "unsupervised", "semi-supervised", "noisy-labels", "distill"),
+    )
     _common(p)
     p.add_argument(
         "--methods",
@@ -526,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, help="the dataset trained on (transfer: the source)")
     p.add_argument("--targets", nargs="+", default=[], help="transfer: datasets to test on")
+    p.add_argument(
+        "--noise",
+        default="pairflip-0.4",
+        help="noisy-labels: pairflip-R (class-dependent, R wrong), cifar100n or cifar100n:<CIFAR-100_human.pt>",
+    )
+    p.add_argument("--teacher", default=None, help="distill: the backbone of Phase I (default --backbone)")
+    p.add_argument("--student", default=None, help="distill: the backbone Phase II fine-tunes")
     p.add_argument(
         "--shots",
         type=int,

@@ -1,7 +1,8 @@
 """``load_backbone(spec)``: one factory for every backbone.
 
-Specs: ``toy`` (bundled ToyCLIP), ``openclip:<arch>@<tag or weights file>`` (``openclip:<arch>`` = random init),
-``hf:<repo id or folder>``, ``local:<folder with a ToyCLIP-format model>``.
+Specs: ``toy`` (bundled ToyCLIP; ``toy:small`` its smaller sibling, a distillation student),
+``openclip:<arch>@<tag or weights file>`` (``openclip:<arch>`` = random init), ``hf:<repo id or folder>``,
+``local:<folder with a ToyCLIP-format model>``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def load_backbone(spec: str = "toy", device: str = "cpu", cache: bool = True) ->
     if family == "toy":
         from vlmtune.backbones.toy import ToyBackbone, bundled_weights_dir
 
-        backbone = ToyBackbone.from_dir(bundled_weights_dir(), spec, device)
+        backbone = ToyBackbone.from_dir(bundled_weights_dir(name), spec, device)
     elif family == "local":
         from vlmtune.backbones.toy import ToyBackbone
 

@@ -13,15 +13,22 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.errors import WeightsNotAvailable
+from vlmtune.errors import UnknownName, WeightsNotAvailable
 from vlmtune.toy.model import ToyCLIP, ToyCLIPConfig
 from vlmtune.toy.tokenizer import ToyTokenizer
 
 WEIGHTS_NAME, META_NAME = "toy_clip.safetensors", "toy_clip.json"
 
 
-def bundled_weights_dir() -> Path:
-    return Path(str(resources.files("vlmtune.toy") / "weights"))
+TOY_SIZES = ("toy", "small")  # ``toy`` = the bundled ToyCLIP, ``toy:small`` = its 4x smaller sibling (a student)
+
+
+def bundled_weights_dir(name: str = "toy") -> Path:
+    """The folder of a bundled ToyCLIP: ``toy`` (base) or ``small``."""
+    if name not in TOY_SIZES:
+        raise UnknownName("toy backbone", name, list(TOY_SIZES))
+    root = Path(str(resources.files("vlmtune.toy") / "weights"))
+    return root if name == "toy" else root / name
 
 
 class ToyPreprocess:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
@@ -171,3 +173,44 @@ def restore_tower(base: Backbone, tuning: TowerTuning, state: dict[str, torch.Te
     tuned.model.load_state_dict(state, strict=False)
     tuned.model.requires_grad_(False)
     return tuned
+
+
+class StackedTowers(Backbone):
+    """Several tuned copies of one base as one image encoder: its pooled feature is the members' L2-normalised
+    features side by side, divided by sqrt(M) -> (B, M * D) (unit norm, so caching and normalising keep it
+    unchanged); an ensemble adapter (CoFT's two fine-tuned towers) splits it again. The text side is the first
+    member's; patch features are the first member's too."""
+
+    def __init__(self, members: Sequence[Backbone]) -> None:
+        if not members:
+            raise ValueError("StackedTowers needs at least one member")
+        first = members[0]
+        self.members = list(members)
+        self.spec = f"{first.spec}[{len(members)} tuned towers]"
+        self.embed_dim = first.embed_dim * len(members)
+        self.token_width, self.context_length = first.token_width, first.context_length
+        self.preprocess, self.preprocess_id = first.preprocess, first.preprocess_id
+        self.eot_token_id = first.eot_token_id
+        self.model = nn.ModuleList([m.model for m in members])  # fingerprint and device over every member
+
+    @property
+    def logit_scale(self) -> float:
+        return self.members[0].logit_scale
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.members[0].tokenize(texts)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.members[0].embed_tokens(tokens)
+
+    def _text_forward(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        return self.members[0]._text_forward(embeds, eot_index)
+
+    def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [m.encode_image_tokens(images, normalize=True) for m in self.members]  # M x ((B, D), (B, P, D))
+        pooled = torch.cat([p for p, _ in parts], dim=-1) / math.sqrt(len(parts))  # (B, M * D)
+        return pooled, parts[0][1]
+
+    def split(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Features (N, M * D) -> the members' L2-normalised features, M x (N, D)."""
+        return [F.normalize(f, dim=-1) for f in features.chunk(len(self.members), dim=-1)]

@@ -1,7 +1,8 @@
 """Dataset registry: ``load_dataset(name, root)`` -> ``{"train": DatasetSplit, "val": ..., "test": ...}``.
 
 Names: registered real datasets (``caltech101``, ``imagenet_sketch``, ...), ``toy:<task>`` for the generated toy
-world, ``folder:<path>`` for an image folder (``<root>/<class>/<image>``).
+world, ``folder:<path>`` for an image folder (``<root>/<class>/<image>``); any of them + ``@noisy=<spec>`` with
+noisy train labels (``data.noisy``: ``pairflip-0.4``, ``cifar100n``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def list_datasets() -> list[DatasetInfo]:
 
 def load_dataset(name: str, root: str | Path | None = None, skip_corrupt: bool = False) -> dict[str, DatasetSplit]:
     """All splits of a dataset. Missing files raise ``DatasetNotFound`` saying where to put them."""
+    from vlmtune.data.noisy import split_noisy_name, with_noisy_labels
+
+    base, noise = split_noisy_name(name)
+    if noise is not None:
+        splits = load_dataset(base, root, skip_corrupt)
+        return with_noisy_labels(splits, noise, Path(root) if root is not None else default_root())
     _ensure_loaded()
     if name.startswith("folder:"):
         from vlmtune.data.datasets.folder import load_image_folder

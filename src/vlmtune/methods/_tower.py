@@ -13,14 +13,21 @@ LayerNorm-only or full), cross-entropy of s * cos(f(x), g_c) on augmented views 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
-from vlmtune.backbones.tuning import TowerTuning, restore_tower, tower_state, trainable_parameters, tunable_copy
+from vlmtune.backbones.tuning import (
+    StackedTowers,
+    TowerTuning,
+    restore_tower,
+    tower_state,
+    trainable_parameters,
+    tunable_copy,
+)
 from vlmtune.errors import VlmtuneError
 from vlmtune.methods._pseudo import PseudoLabels
 from vlmtune.methods._text import class_text_weights
@@ -111,8 +118,93 @@ class TowerClassifier(Classifier):
         return cls(meta["classnames"], tensors["weight"], meta["settings"], tower, tensors.get("bias"))
 
 
-def _seed(generator: torch.Generator) -> int:
+class TowerHead(nn.Module):
+    """Logits s * W f(x) / |f(x)| + b of a tower's pooled features (B, D) -> (B, K): ``cosine`` = fixed class
+    features (W normalised, b = 0, nothing trains), else a linear head W, b trained with the tower, initialised
+    with the class features and zeros (so it starts at their zero-shot logits)."""
+
+    def __init__(self, weights: torch.Tensor, scale: float, cosine: bool) -> None:
+        super().__init__()
+        self.scale, self.cosine = float(scale), cosine
+        self.linear = nn.Linear(weights.shape[1], weights.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weights)
+            self.linear.bias.zero_()
+        self.linear.requires_grad_(not cosine)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        w = F.normalize(self.linear.weight, dim=-1) if self.cosine else self.linear.weight
+        return self.scale * F.normalize(feats.float(), dim=-1) @ w.T + self.linear.bias  # (B, K)
+
+    def to_classifier(
+        self,
+        cls: type[TowerClassifier],
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        tuned: Backbone,
+        base: Backbone,
+        tuning: TowerTuning,
+    ) -> TowerClassifier:
+        """The adapter: this head on ``tuned`` (stored as a delta against ``base``)."""
+        settings = {"scale": self.scale, "cosine": self.cosine, "templates": list(templates)}
+        clf = cls.from_tuned(classnames, self.linear.weight.detach().cpu(), settings, tuned, base, tuning)
+        with torch.no_grad():
+            clf.bias.copy_(self.linear.bias.detach().cpu())
+        return clf
+
+
+class TowerEnsemble(Classifier):
+    """M tower adapters of one base whose softmax probabilities are averaged (CoFT's two fine-tuned towers):
+    its image encoder is ``StackedTowers`` of the members' tuned copies, whose features (N, M * D) it splits
+    again; ``logits`` are the log of the averaged probabilities (same argmax). Subclasses set ``member_cls``."""
+
+    member_cls: ClassVar[type[TowerClassifier]] = TowerClassifier
+
+    def __init__(self, classnames: Sequence[str], members: Sequence[TowerClassifier]) -> None:
+        super().__init__(classnames)
+        self.members = nn.ModuleList(members)
+        self._encoder: tuple[Backbone, StackedTowers] | None = None
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        parts = F.normalize(features.float(), dim=-1).chunk(len(self.members), dim=-1)  # M x (N, D)
+        probs = torch.stack([m.logits(f).softmax(-1) for m, f in zip(self.members, parts, strict=True)])
+        return probs.mean(0).clamp_min(1e-12).log()  # (N, K)
+
+    def image_encoder(self, backbone: Backbone) -> Backbone:
+        if self._encoder is None or self._encoder[0] is not backbone:
+            towers = [m.image_encoder(backbone) for m in self.members]  # type: ignore[union-attr]
+            self._encoder = (backbone, StackedTowers(towers))
+        return self._encoder[1]
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {"members": [m.extra_meta() for m in self.members]}  # type: ignore[union-attr]
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.extra_tensors().items()}  # type: ignore[union-attr]
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TowerEnsemble:
+        members = []
+        for i, member_meta in enumerate(meta["members"]):
+            own = {k.removeprefix(f"members.{i}."): v for k, v in tensors.items() if k.startswith(f"members.{i}.")}
+            own |= {k.removeprefix(f"member{i}."): v for k, v in tensors.items() if k.startswith(f"member{i}.")}
+            members.append(cls.member_cls.from_state(own, {"classnames": meta["classnames"], **member_meta}))
+        return cls(meta["classnames"], members)
+
+
+def draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def pseudo_sources(task: Task, pseudo: PseudoLabels) -> list[tuple[ImageSet, torch.Tensor, torch.Tensor]]:
+    """``LabelledViews`` sources: the pseudo-labelled unlabelled images, plus the labelled shots of the
+    semi-supervised regime with their true labels."""
+    assert task.images is not None
+    sources = [(task.images, pseudo.index, pseudo.labels)]
+    if task.train_images is not None and task.train_images.labels is not None:
+        shots = task.train_images
+        sources.append((shots, torch.arange(len(shots)), shots.labels))
+    return sources
 
 
 def tower_scores(clf: TowerClassifier, base: Backbone, images: ImageSet, workers: int | None = None) -> torch.Tensor:
@@ -137,39 +229,29 @@ def train_tower_round(
     head: str = "text",
     augment: str = "none",
     workers: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> TowerClassifier:
     """A fresh tuned tower trained with CE on the pseudo-labelled images ``train`` (+ ``task.train_images``); the
     epoch best on ``val`` (accuracy on its pseudo-labels) kept. ``head="text"``: logits s * cos(f(x), g_c) against
     the fixed class text features of ``templates``; ``"linear"``: a linear head W f(x) / |f(x)| * s + b initialised
-    with those text features (W) and zeros (b), trained with the tower."""
+    with those text features (W) and zeros (b), trained with the tower. ``weights`` (K, D) replace the templates'
+    text features (CoFT: its positive prompts')."""
     if task.images is None:
         raise VlmtuneError("this method trains on pixels: the runner gives Task.images (run it through the runner)")
     if head not in ("text", "linear"):
         raise VlmtuneError(f"unknown head {head!r} (text or linear)")
     tuned = tunable_copy(base, tuning, generator)
-    weights = class_text_weights(base, task.classnames, templates)  # (K, D)
-    scale, device = base.logit_scale, tuned.device
-    linear = nn.Linear(weights.shape[1], weights.shape[0]).to(device)
-    with torch.no_grad():
-        linear.weight.copy_(weights)
-        linear.bias.zero_()
-    linear.requires_grad_(head == "linear")
-    cosine = head == "text"
-
-    def classify(feats: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
-        w = F.normalize(linear.weight, dim=-1) if cosine else linear.weight
-        return scale * F.normalize(feats.float(), dim=-1) @ w.T + linear.bias
+    if weights is None:
+        weights = class_text_weights(base, task.classnames, templates)  # (K, D)
+    device = tuned.device
+    classify = TowerHead(weights, base.logit_scale, cosine=head == "text").to(device)
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(classify(tuned.encode_images(x)), y)  # (B, K) vs (B,)
 
-    sources = [(task.images, train.index, train.labels)]
-    if task.train_images is not None and task.train_images.labels is not None:
-        shots = task.train_images
-        sources.append((shots, torch.arange(len(shots)), shots.labels))
-    data = LabelledViews(sources, make_view(augment, tuned))
-    loader = make_loader(data, schedule.batch_size, seed=_seed(generator), workers=workers)
-    params = trainable_parameters(tuned) + [p for p in linear.parameters() if p.requires_grad]
+    data = LabelledViews(pseudo_sources(task, train), make_view(augment, tuned))
+    loader = make_loader(data, schedule.batch_size, seed=draw_seed(generator), workers=workers)
+    params = trainable_parameters(tuned) + [p for p in classify.parameters() if p.requires_grad]
     best: dict[str, Any] = {"acc": -1.0, "state": None}
     on_epoch = None
     if len(val) > 0:
@@ -183,14 +265,10 @@ def train_tower_round(
                 best.update(acc=acc, state=[p.detach().clone() for p in params])
             return {"pseudo_val_acc": 100 * acc}
 
-    module = LossModule({"tower": tuned.model, "head": linear}, loss)
-    train_pixels(module, loader, schedule, step=hooks.step, on_epoch=on_epoch, device=device)
+    module = LossModule({"tower": tuned.model, "head": classify}, loss)
+    train_pixels(module, loader, schedule, step=hooks.step, on_epoch=on_epoch, device=device, seed=draw_seed(generator))
     if best["state"] is not None:
         with torch.no_grad():
             for p, kept in zip(params, best["state"], strict=True):
                 p.copy_(kept)
-    settings = {"scale": scale, "cosine": cosine, "templates": list(templates)}
-    clf = cls.from_tuned(task.classnames, linear.weight.detach().cpu(), settings, tuned, base, tuning)
-    with torch.no_grad():
-        clf.bias.copy_(linear.bias.detach().cpu())
-    return clf
+    return classify.to_classifier(cls, task.classnames, templates, tuned, base, tuning)

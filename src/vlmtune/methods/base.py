@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
-PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor], None]  # (round, kind, indices, labels)
+PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor, str], None]  # (round, kind, indices, labels, source)
 
 
 @dataclass
@@ -61,12 +61,16 @@ class TrainingHooks:
         if self.on_step is not None:
             self.on_step(step, total, unit, {k: float(v) for k, v in metrics.items()})
 
-    def pseudo_labels(self, round: int, kind: str, indices: torch.Tensor, labels: torch.Tensor) -> None:
+    def pseudo_labels(
+        self, round: int, kind: str, indices: torch.Tensor, labels: torch.Tensor, source: str = ""
+    ) -> None:
         """Report the pseudo-labels ``labels`` (M,) a label-free method gave the unlabelled images at ``indices``
-        (M,) in ``round`` (0 = from the zero-shot model); ``kind`` is ``"all"`` (every image) or ``"selected"``
-        (the set it trains on)."""
+        (M,) in ``round`` (0 = from the zero-shot model); ``kind`` is ``"all"`` (every image), ``"selected"``
+        (the set it trains on) or ``"clean"`` (the set a filter kept, CoFT); ``source`` names the model that
+        made them when a method has several (e.g. ``"model 1"``)."""
         if self.on_pseudo_labels is not None:
-            self.on_pseudo_labels(round, kind, indices.detach().cpu().long(), labels.detach().cpu().long())
+            idx, lab = indices.detach().cpu().long(), labels.detach().cpu().long()
+            self.on_pseudo_labels(round, kind, idx, lab, source)
 
     def note(self, text: str) -> None:
         """Tell the user something about this run (logged now, recorded in the results)."""
@@ -88,6 +92,8 @@ class Task:
         images: the same unlabelled images as pixels (``ImageSet`` without labels, in the order of ``unlabeled``),
             for methods that train on pixels (``Method.wants_images``), else None.
         train_images: the images of ``train`` as pixels with their labels (pixel methods), else None.
+        student: distillation (``Method.supports_student``): the backbone the method fine-tunes and returns an
+            adapter for, while the ``fit`` handle (the teacher) pseudo-labels; None otherwise.
     """
 
     classnames: list[str]
@@ -97,6 +103,7 @@ class Task:
     unlabeled: UnlabeledFeatures | None = None
     images: ImageSet | None = None
     train_images: ImageSet | None = None
+    student: Backbone | None = None
 
     @property
     def num_classes(self) -> int:
@@ -194,6 +201,7 @@ class Method(ABC):
     needs_train: ClassVar[bool] = True  # False: fits from class names alone (zero-shot)
     needs_patches: ClassVar[bool] = False  # the runner extracts patch features too
     supports_new_classes: ClassVar[bool] = False
+    supports_student: ClassVar[bool] = False  # distillation: fine-tunes ``Task.student`` (``RunConfig.student``)
     summary: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets (``--set preset=NAME``)
 
@@ -245,6 +253,7 @@ BUILTIN_METHODS = (
     "upl",
     "fpl",
     "cpl",
+    "coft",
 )
 
 

@@ -60,25 +60,27 @@ class ViewDataset(Dataset):
 
 
 class LabelledViews(Dataset):
-    """Items of several image sets with (pseudo-)targets: item j -> (view(image), target). ``sources`` are
-    (image set, positions (M,), targets (M,) or (M, K)) triples, concatenated in order."""
+    """Items of several image sets with (pseudo-)targets: item j -> (view(image), target), or with several views
+    (view_1(image), ..., view_m(image), target). ``sources`` are (image set, positions (M,), targets (M,) or
+    (M, K)) triples, concatenated in order; a target of -1 marks an image without one (contrastive terms only)."""
 
     def __init__(
         self,
         sources: Sequence[tuple[ImageSet, torch.Tensor, torch.Tensor]],
-        view: Callable[[Image.Image], torch.Tensor],
+        view: Callable[[Image.Image], torch.Tensor] | Sequence[Callable[[Image.Image], torch.Tensor]],
     ) -> None:
         self.items = [
             (images, int(i), t) for images, index, targets in sources for i, t in zip(index, targets, strict=True)
         ]
-        self.view = view
+        self.views = list(view) if isinstance(view, Sequence) else [view]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, ...]:
         images, i, target = self.items[j]
-        return self.view(images.image(i)), target
+        image = images.image(i)
+        return (*(v(image) for v in self.views), target)
 
 
 class _Subset(Dataset):

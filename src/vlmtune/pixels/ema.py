@@ -74,8 +74,8 @@ class MoCoQueue:
 
     def logits(self, queries: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
         """InfoNCE logits (B, 1 + K): the positive key first, then the queue (all divided by ``temperature``);
-        the target of every row is 0."""
+        the target of every row is 0. The queue enters as a copy, so ``push`` may follow before the backward pass."""
         q = F.normalize(queries, dim=1)
         pos = (q * F.normalize(positives, dim=1)).sum(1, keepdim=True)  # (B, 1)
-        neg = q @ self.keys.T.to(q)  # (B, K)
+        neg = q @ self.keys.T.clone().to(q)  # (B, K)
         return torch.cat([pos, neg], 1) / temperature

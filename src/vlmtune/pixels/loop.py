@@ -44,11 +44,20 @@ def train_pixels(
     after_step: Callable[[], None] | None = None,
     amp: bool | None = None,
     device: torch.device | None = None,
+    seed: int | None = None,
 ) -> list[float]:
     """Minimise ``module(*batch)`` over ``schedule.epochs`` epochs of ``loader``; returns the mean loss per epoch.
 
     ``amp`` (default: on CUDA) runs the forward pass under bfloat16 autocast; ``after_step`` runs after every
-    optimiser step (an EMA update); ``step`` receives (epoch, epochs, "epoch", loss=, lr=, **on_epoch(epoch))."""
+    optimiser step (an EMA update); ``step`` receives (epoch, epochs, "epoch", loss=, lr=, **on_epoch(epoch)).
+    ``seed``: the global RNG, which the augmentations (and DataLoader worker seeds) draw from, is seeded with it for
+    the loop and restored after, so a method seeded by its generator trains the same way twice."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return train_pixels(
+                module, loader, schedule, step=step, on_epoch=on_epoch, after_step=after_step, amp=amp, device=device
+            )
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter of the loss module requires a gradient")

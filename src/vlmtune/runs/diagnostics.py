@@ -24,7 +24,7 @@ class PseudoLabelLog:
         self.hidden, self.num_classes = hidden.long(), num_classes
         self.rows: list[dict[str, Any]] = []
 
-    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor) -> None:
+    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor, source: str = "") -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.hidden)):
             raise IndexError(f"pseudo-labels point outside the unlabelled set of {len(self.hidden)} images")
         counts = torch.bincount(labels, minlength=self.num_classes)
@@ -35,6 +35,7 @@ class PseudoLabelLog:
             {
                 "round": round_no,
                 "kind": kind,
+                **({"source": source} if source else {}),
                 "n": int(index.numel()),
                 "accuracy": round(100 * float(correct.mean()), 2) if correct.numel() else None,
                 "classes_covered": int((counts > 0).sum()),
@@ -53,20 +54,24 @@ def write_pseudo_labels(folder: Path, rows: list[dict[str, Any]], title: str) ->
     if plt is None or not rows:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    for kind, style in (("all", {"linestyle": "--", "marker": "s"}), ("selected", {"marker": "o"})):
-        measured = [r for r in rows if r["kind"] == kind and r["accuracy"] is not None]
-        if measured:
-            label = "all unlabelled images" if kind == "all" else "selected (trained on)"
-            ax.plot([r["round"] for r in measured], [r["accuracy"] for r in measured], label=label, **style)
+    labels = {"all": "all unlabelled images", "selected": "selected (trained on)", "clean": "clean set (filtered)"}
+    styles = {"all": {"linestyle": "--", "marker": "s"}, "selected": {"marker": "o"}, "clean": {"marker": "^"}}
+    for kind, style in styles.items():
+        for source in dict.fromkeys(r.get("source", "") for r in rows if r["kind"] == kind):
+            measured = [r for r in rows if (r["kind"], r.get("source", "")) == (kind, source)]
+            measured = [r for r in measured if r["accuracy"] is not None]
+            if measured:
+                label = labels[kind] + (f", {source}" if source else "")
+                ax.plot([r["round"] for r in measured], [r["accuracy"] for r in measured], label=label, **style)
     ax.set_xlabel("round (0 = zero-shot)")
     ax.set_ylabel("pseudo-label accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    selected = [r for r in rows if r["kind"] == "selected"]
+    selected = {r["round"]: r["n"] for r in rows if r["kind"] == "selected"}  # the last reported per round
     if selected:
         twin = ax.twinx()
-        twin.bar([r["round"] for r in selected], [r["n"] for r in selected], alpha=0.15, color="grey")
+        twin.bar(list(selected), list(selected.values()), alpha=0.15, color="grey")
         twin.set_ylabel("images selected", fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "pseudo_labels.png")

@@ -6,7 +6,10 @@
   source's shifted variants with the same classes (domain generalisation, Table 4);
 - ``unsupervised``: label-free methods on the train split without its labels -> test accuracy, with the
   runner-measured accuracy of the final pseudo-labels, beside paper 003's Table 1;
-- ``semi_supervised``: k labelled shots per class plus the rest of the train split unlabelled (paper 003 Fig. 2).
+- ``semi_supervised``: k labelled shots per class plus the rest of the train split unlabelled (paper 003 Fig. 2);
+- ``noisy_labels``: the train split with noisy labels: label-free methods ignore them, supervised ones train on
+  them (paper 003 Table 2);
+- ``distill``: Phase I on a teacher backbone, Phase II fine-tunes a student (paper 003 Table 3).
 
 Model selection happens inside ``run`` on validation shots only; test splits are only scored. Each protocol
 returns a ``ProtocolResult`` (rows of per-seed numbers) that writes JSON, CSV, a Markdown table of mean ± std and,
@@ -36,10 +39,11 @@ from vlmtune.backbones.base import Backbone
 from vlmtune.data import load_dataset
 from vlmtune.data.base import DatasetSplit
 from vlmtune.data.fewshot import base_new_split
+from vlmtune.data.noisy import NOISY_SEP, noise_rate
 from vlmtune.features.cache import FeatureCache
 from vlmtune.methods.base import get_method, make_config
 from vlmtune.metrics import harmonic_mean
-from vlmtune.runs.paper_tables import paper_003
+from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_table3
 from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
 from vlmtune.runs.runner import FeatureSource, RunConfig, run, score_split
@@ -56,7 +60,7 @@ class ProtocolResult:
     columns: list[str]  # metric names, in table order
     rows: list[dict[str, Any]] = field(default_factory=list)
     reference_title: str = ""  # title of a last column with the papers' numbers (empty: none)
-    reference: dict[str, str] = field(default_factory=dict)  # method -> its paper number
+    reference: dict[str, str] = field(default_factory=dict)  # method (or "method|setting") -> its paper number
 
     def add(self, method: str, setting: str, seed: int, metrics: dict[str, float | None]) -> None:
         self.rows.append({"method": method, "setting": setting, "seed": seed, **metrics})
@@ -81,7 +85,7 @@ class ProtocolResult:
             rows = self.summary()
             if not self.reference_title:
                 return markdown_table(["method", "setting", *self.columns], rows)
-            rows = [[*r, self.reference.get(r[0], "")] for r in rows]
+            rows = [[*r, self.reference.get(f"{r[0]}|{r[1]}", self.reference.get(r[0], ""))] for r in rows]
             return markdown_table(["method", "setting", *self.columns, self.reference_title], rows)
         cells = {(m, s): c for m, s, c in self.summary()}
         shots = sorted({int(s) for _, s in cells}, key=int)
@@ -170,6 +174,8 @@ class _Job:
     seed: int
     subsample: str = "all"
     targets: tuple[tuple[str, str, str], ...] = ()
+    backbone: str | None = None  # another backbone than the protocol's (distillation: the student alone)
+    student: str | None = None  # distillation: the backbone Phase II fine-tunes
 
     @property
     def label(self) -> str:
@@ -193,10 +199,12 @@ class _Context:
         return self.splits[dataset]
 
     def execute(self, job: _Job) -> dict[str, float | None]:
+        backbone = self.backbone if job.backbone is None else load_backbone(job.backbone, str(self.backbone.device))
         cfg = RunConfig(
             method=job.name,
             dataset=job.dataset,
-            backbone=self.backbone.spec,
+            backbone=backbone.spec,
+            student=job.student,
             shots=job.shots,
             seed=job.seed,
             subsample=job.subsample,
@@ -205,10 +213,9 @@ class _Context:
             data_root=self.settings.data_root,
             skip_corrupt=self.settings.skip_corrupt,
         )
-        res = run(cfg, cache=self.cache, progress=False, backbone=self.backbone, splits=self.data(job.dataset))
+        res = run(cfg, cache=self.cache, progress=False, backbone=backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}
-        selected = [r for r in res.pseudo_labels if r["kind"] == "selected"]
-        out["pseudo_labels"] = selected[-1]["accuracy"] if selected else None  # measured against hidden labels
+        out["pseudo_labels"] = final_pseudo_label_accuracy(res.pseudo_labels)  # measured against hidden labels
         for column, dataset, subsample in job.targets:
             split = self.data(dataset)["test"]
             out[column] = self.score(res.classifier, split if subsample == "all" else base_new_split(split, subsample))
@@ -223,6 +230,16 @@ class _Context:
                 return None  # the method cannot describe classes it was not trained on
         source = FeatureSource(self.backbone, self.cache, False)  # score_split adds patch features if needed
         return score_split(classifier, self.backbone, split, source, False)
+
+
+def final_pseudo_label_accuracy(rows: list[dict[str, Any]]) -> float | None:
+    """Accuracy of the pseudo-labels a label-free run trained on last: its last selected (or filtered clean) sets,
+    the mean over the models that reported one in that round; None if nothing was measured."""
+    trained = [r for r in rows if r["kind"] in ("selected", "clean") and r["accuracy"] is not None]
+    if not trained:
+        return None
+    last = (trained[-1]["round"], trained[-1]["kind"])
+    return round(statistics.mean(r["accuracy"] for r in trained if (r["round"], r["kind"]) == last), 2)
 
 
 _WORKER: dict[str, _Context] = {}  # a worker process's context, made on its first job
@@ -406,3 +423,55 @@ def semi_supervised(
     """k labelled shots per class plus the rest of the train split unlabelled (label-free methods), or the k shots
     alone (few-shot methods, for comparison) -> test accuracy per method x k x seed (paper 003 Fig. 2)."""
     return _shot_sweep("semi-supervised", methods, dataset, shots, seeds, settings)
+
+
+def noisy_labels(
+    methods: Sequence[str],
+    dataset: str,
+    noise: str = "pairflip-0.4",
+    seeds: Sequence[int] = (1, 2, 3),
+    settings: ProtocolSettings | None = None,
+) -> ProtocolResult:
+    """Paper 003 Table 2: the train split with noisy labels (``data.noisy``: ``pairflip-0.4``, ``cifar100n``).
+    Label-free methods run unsupervised on it (the labels ignored, as CoFT discards CIFAR-100N's); supervised
+    methods train on all of its noisy labels -> test accuracy (true labels). The measured noise rate is the
+    setting; no pseudo-label column (the only labels the runner could measure against are the noisy ones)."""
+    settings = settings or ProtocolSettings()
+    noisy = f"{dataset}{NOISY_SEP}{noise}"
+    clean = load_dataset(dataset, settings.data_root, settings.skip_corrupt)["train"]
+    rate = noise_rate(clean, load_dataset(noisy, settings.data_root, settings.skip_corrupt)["train"])
+    jobs = [_Job(m, noisy, 0, s) for m in methods for s in seeds]  # shots 0: the whole (noisy) train split
+    result = ProtocolResult("noisy-labels", ["test"], reference_title="paper 003 Table 2 (CIFAR-100N, ViT-B/16)")
+    for job, metrics in _execute_all(jobs, settings, f"noisy-labels {dataset}"):
+        ignores = not get_method(job.name).needs_labels
+        setting = f"{noise} ({rate:.1f}% wrong), " + ("labels ignored" if ignores else "trained on them")
+        result.add(job.label, setting, job.seed, {"test": metrics["test"]})
+        result.reference[job.label] = paper_003_table2(job.name)
+    return result
+
+
+def distill(
+    methods: Sequence[str],
+    dataset: str,
+    teacher: str,
+    student: str,
+    seeds: Sequence[int] = (1, 2, 3),
+    settings: ProtocolSettings | None = None,
+) -> ProtocolResult:
+    """Paper 003 Table 3: Phase I on ``teacher``, Phase II fine-tunes ``student`` (methods that distil, CoFT /
+    CoFT+), beside the same method on the student alone and on the teacher alone (zero-shot: both backbones) ->
+    test accuracy of the student (teacher rows: the teacher's)."""
+    settings = dataclasses.replace(settings or ProtocolSettings(), backbone=teacher)
+    jobs = []
+    for m in methods:
+        distils = get_method(m.partition("=")[2] or m).supports_student
+        jobs += [_Job(m, dataset, 0, s, student=student) for s in seeds if distils]
+        jobs += [_Job(m, dataset, 0, s, backbone=student) for s in seeds]
+        jobs += [_Job(m, dataset, 0, s) for s in seeds]
+    result = ProtocolResult("distill", ["test"], reference_title="paper 003 Table 3 (L/14 -> B/16)")
+    for job, metrics in _execute_all(jobs, settings, f"distill {teacher} -> {student}"):
+        setting = f"{teacher} -> {student}" if job.student else (job.backbone or teacher) + " alone"
+        result.add(job.label, setting, job.seed, {"test": metrics["test"]})
+        if job.student or (job.name == "zeroshot" and job.backbone == student):  # Table 3's CLIP = B/16 zero-shot
+            result.reference[f"{job.label}|{setting}"] = paper_003_table3(job.name, dataset)
+    return result

@@ -74,6 +74,9 @@ class RunConfig:
             method plans within it, and a run that meets a limit ends with the adapter so far).
         service: URL of a ``vlmtune serve`` black box to train (and test) a black-box method against instead of a
             local one; the API key comes from ``run(..., api_key=)`` or ``$VLMTUNE_API_KEY``, never the config.
+        student: distillation (methods with ``supports_student``, CoFT): the backbone whose image tower the method
+            fine-tunes, while ``backbone`` (the teacher) pseudo-labels; the adapter is scored and saved for the
+            student.
     """
 
     method: str = "linear_probe"
@@ -90,6 +93,7 @@ class RunConfig:
     query_budget: int | None = None
     curve_every: int | None = None
     service: str | None = None
+    student: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,7 +348,8 @@ def run(
             result = _run_black_box(cfg, backbone, splits, method, generator, progress, journal, api_key)
         else:
             assert backbone is not None
-            result = _run_features(cfg, backbone, splits, method, generator, cache, progress)
+            student = _student_of(cfg, method_cls, backbone)
+            result = _run_features(cfg, backbone, splits, method, generator, cache, progress, student)
     finally:
         training_log.close()
     result.method_config = asdict(method_config)
@@ -354,6 +359,15 @@ def run(
     if folder is not None:
         write_run_dir(folder, result)
     return result
+
+
+def _student_of(cfg: RunConfig, method_cls: type[Method], teacher: Backbone) -> Backbone | None:
+    """The student backbone of a distillation run (``cfg.student``), or None."""
+    if cfg.student is None:
+        return None
+    if not method_cls.supports_student:
+        raise VlmtuneError(f"{cfg.method} does not distil: --student works with methods such as coft and coft_plus")
+    return load_backbone(cfg.student, str(teacher.device))
 
 
 def _watch_pseudo_labels(method: Method, unlabeled: DatasetSplit) -> PseudoLabelLog:
@@ -371,15 +385,17 @@ def _run_features(
     generator: torch.Generator,
     cache: FeatureCache | None,
     progress: bool,
+    student: Backbone | None = None,
 ) -> RunResult:
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
     task, train_split = make_task(splits, source, cfg, method)
+    task = replace(task, student=student)
     watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)
     fit_seconds = time.perf_counter() - start
     test = base_new_split(splits["test"], cfg.subsample)
-    metrics = classification_metrics(*split_logits(classifier, backbone, test, source, progress))
+    metrics = classification_metrics(*split_logits(classifier, student or backbone, test, source, progress))
     n_train = len(train_split) if train_split is not None else 0
     if task.unlabeled is not None and isinstance(task.train, FeatureSet):
         n_train += len(task.train)
@@ -506,7 +522,8 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
     atomic_write(
         folder / "results.md", lambda tmp: Path(tmp).write_text(table + "\n" + notes + ("\n" if notes else ""))
     )
-    result.classifier.save(folder / "adapter", backbone=cfg.backbone, dataset=cfg.dataset, service=cfg.service)
+    spec = cfg.student or cfg.backbone  # a distilled adapter runs on the student
+    result.classifier.save(folder / "adapter", backbone=spec, dataset=cfg.dataset, service=cfg.service)
     if result.pseudo_labels:
         write_pseudo_labels(
             folder,

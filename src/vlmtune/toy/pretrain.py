@@ -1,6 +1,10 @@
 """Pretrain ToyCLIP contrastively on freshly rendered, captioned toy scenes.
 
     python -m vlmtune.toy.pretrain --out src/vlmtune/toy/weights --steps 6000 --device cuda
+    python -m vlmtune.toy.pretrain --size small --out src/vlmtune/toy/weights/small --steps 4000 --batch 256 --device cpu
+
+``--size`` picks the architecture (``SIZES``: ``base`` is the bundled ``toy`` backbone, ``small`` the ``toy:small``
+student of the distillation protocol, a quarter of its parameters); it runs on CUDA or the CPU.
 
 Every batch is new (no epochs, no dataset on disk); everything follows from ``--seed``. The result is a
 ``toy_clip.safetensors`` + ``toy_clip.json`` pair (config, vocabulary, normalisation, provenance) that
@@ -30,6 +34,18 @@ from vlmtune.toy.world import SceneDistribution, caption, sketch_dialect, vocabu
 log = logging.getLogger("vlmtune.toy.pretrain")
 MEAN, STD = 0.5, 0.25  # image normalisation of ToyCLIP
 CONTEXT_LENGTH = 20
+SIZES: dict[str, dict[str, int]] = {  # ToyCLIPConfig fields per size (base = the dataclass defaults)
+    "base": {},
+    "small": {
+        "vision_width": 64,
+        "vision_layers": 3,
+        "vision_heads": 2,
+        "embed_dim": 64,
+        "text_width": 64,
+        "text_layers": 2,
+        "text_heads": 2,
+    },
+}
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -52,6 +68,7 @@ def zero_shot_accuracy(model: ToyCLIP, tok: ToyTokenizer, task_name: str, device
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("src/vlmtune/toy/weights"))
+    ap.add_argument("--size", choices=sorted(SIZES), default="base", help="architecture (SIZES)")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)  # parameter init
     tok = ToyTokenizer(vocabulary(), CONTEXT_LENGTH)
-    cfg = ToyCLIPConfig(vocab_size=tok.vocab_size, context_length=CONTEXT_LENGTH)
+    cfg = ToyCLIPConfig(vocab_size=tok.vocab_size, context_length=CONTEXT_LENGTH, **SIZES[args.size])
     model = ToyCLIP(cfg).to(args.device)
     log.info("ToyCLIP: %d parameters, vocabulary %d", model.n_params(), tok.vocab_size)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "normalise": {"mean": MEAN, "std": STD},
         "provenance": {
             "seed": args.seed,
+            "size": args.size,
             "steps": args.steps,
             "rare_shape_prob": args.rare_shape_prob,
             "dialect_pairs": args.dialect_pairs,
