@@ -1,7 +1,7 @@
 """Pretrain ToyCLIP contrastively on freshly rendered, captioned toy scenes.
 
     python -m vlmtune.toy.pretrain --out src/vlmtune/toy/weights --steps 6000 --device cuda
-    python -m vlmtune.toy.pretrain --size small --out src/vlmtune/toy/weights/small --steps 4000 --batch 256 --device cpu
+    python -m vlmtune.toy.pretrain --size small --out src/vlmtune/toy/weights/small --steps 4000 --batch 256
 
 ``--size`` picks the architecture (``SIZES``: ``base`` is the bundled ``toy`` backbone, ``small`` the ``toy:small``
 student of the distillation protocol, a quarter of its parameters); it runs on CUDA or the CPU.
