@@ -73,7 +73,7 @@ def test_coft_filter_keeps_more_than_top_k_and_cleaner_than_the_labeller_and_the
     """Reduced evidence (full size: test_coft_evidence.py): on toy:toynet-noisy with a short schedule, each clean set
     is larger than S* and more accurate than its labeller's labels of all images, both measured by the runner."""
     out = tmp_path / "run"
-    options = {**FAST_COFT, "shots": 16, "n_ctx": 8, "peft_epochs": 10, "fft_epochs": 2, "final": "average"}
+    options = {**FAST_COFT, "shots": 16, "n_ctx": 8, "peft_epochs": 8, "fft_epochs": 1, "final": "average"}
     res = run(RunConfig(method="coft", dataset="toy:toynet-noisy", options=options), out, backbone=toy, progress=False)
     rows = {(r["round"], r["kind"], r.get("source", "")): r for r in res.pseudo_labels}
     for m in ("model 1", "model 2"):
