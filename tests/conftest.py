@@ -172,7 +172,9 @@ def toy_setup(toy):
         def fit_features(seed: int = 1):
             return method_cls(cfg).fit(toy, task, generator=torch.Generator().manual_seed(seed))
 
-        def predict(clf):  # through the adapter's image encoder (a tuned tower has its own features)
+        def predict(clf):  # a tuned tower has its own features: through the adapter's image encoder
+            if clf.image_encoder(toy) is toy:
+                return clf.bind(toy).score(test)
             return split_logits(clf, toy, splits["test"], source, False)[0]
 
         return fit_features, predict, test.labels, task
