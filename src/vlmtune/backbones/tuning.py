@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
@@ -178,8 +177,8 @@ def restore_tower(base: Backbone, tuning: TowerTuning, state: dict[str, torch.Te
 class StackedTowers(Backbone):
     """Several tuned copies of one base as one image encoder: its pooled feature is the members' L2-normalised
     features side by side, divided by sqrt(M) -> (B, M * D) (unit norm, so caching and normalising keep it
-    unchanged); an ensemble adapter (CoFT's two fine-tuned towers) splits it again. The text side is the first
-    member's; patch features are the first member's too."""
+    unchanged); an ensemble adapter (``TowerEnsemble``: CoFT's two fine-tuned towers) splits it again. The text
+    side is the first member's; patch features are the first member's too."""
 
     def __init__(self, members: Sequence[Backbone]) -> None:
         if not members:
@@ -210,7 +209,3 @@ class StackedTowers(Backbone):
         parts = [m.encode_image_tokens(images, normalize=True) for m in self.members]  # M x ((B, D), (B, P, D))
         pooled = torch.cat([p for p, _ in parts], dim=-1) / math.sqrt(len(parts))  # (B, M * D)
         return pooled, parts[0][1]
-
-    def split(self, features: torch.Tensor) -> list[torch.Tensor]:
-        """Features (N, M * D) -> the members' L2-normalised features, M x (N, D)."""
-        return [F.normalize(f, dim=-1) for f in features.chunk(len(self.members), dim=-1)]

@@ -10,7 +10,6 @@ images (Eq. 8-10) when ``MoCoSettings`` are given.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -239,7 +238,6 @@ def train_fft(
     augment: str = "none",
     workers: int | None = None,
     moco: MoCoSettings | None = None,
-    templates: Sequence[str] = (),
 ) -> TowerClassifier:
     """Full fine-tuning of a fresh copy of the pretrained image tower + an FC head f(v) = W v + b (Eq. 7) with CE on
     ``clean`` (+ labelled shots); W starts at ``weights`` (K, D) (the labeller's positive prompts), b at 0.
@@ -256,7 +254,7 @@ def train_fft(
             schedule,
             generator,
             hooks,
-            templates=templates,
+            templates=(),
             head="linear",
             augment=augment,
             workers=workers,
@@ -300,4 +298,4 @@ def train_fft(
         module, loader, schedule, step=hooks.step, after_step=lambda: ema.update(online), device=device,
         seed=draw_seed(generator),
     )  # fmt: skip
-    return head.to_classifier(cls, task.classnames, templates, tuned, base, FFT_TUNING)
+    return head.to_classifier(cls, task.classnames, (), tuned, base, FFT_TUNING)

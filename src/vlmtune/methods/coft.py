@@ -205,6 +205,8 @@ class CoFT(Method):
         if not cfg.phase2:
             return self._peft_classifier(handle, task, models, encoded)
         student = task.student or handle  # distillation: the teacher's clean sets fine-tune the student
+        # W starts at the labeller's positive prompts; a student (another embedding space) at its own zero-shot
+        student_weights = self.initial_weights(student, task) if task.student is not None else None
         members = []
         for i in range(len(encoded) if cfg.final == "average" else 1):
             validator = encoded[(i + 1) % len(encoded)]  # the other model (itself with models=1)
@@ -218,8 +220,7 @@ class CoFT(Method):
                     "negative prompt?); its fine-tuning uses the top-K set instead"
                 )
                 clean = selected[i]
-            # W starts at the labeller's positive prompts; a student (another embedding space) at its own zero-shot
-            weights = encoded[i].positive if task.student is None else self.initial_weights(student, task)
+            weights = encoded[i].positive if student_weights is None else student_weights
             members.append(
                 train_fft(
                     self.classifier.member_cls,
