@@ -1,4 +1,4 @@
-"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, serve, list.
+"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, serve, textgen, textgen-serve, list.
 
 Ordinary mistakes end in one line on stderr and exit code 2 (``-v`` adds the traceback); Ctrl-C prints one
 line and exits 130.
@@ -87,6 +87,9 @@ def _fit_config(args: argparse.Namespace) -> Any:
         "curve_every": args.curve_every,
         "service": args.service,
         "student": args.student,
+        "textgen": args.textgen,
+        "textgen_model": args.textgen_model,
+        "textgen_endpoint": args.textgen_endpoint,
     }
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}
     merged["skip_corrupt"] = args.skip_corrupt or bool(base.get("skip_corrupt", False))
@@ -372,6 +375,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("backbones (spec grammar: toy | openclip:<arch>[@<tag or file>] | hf:<repo or folder> | local:<folder>):")
         for spec in EXAMPLE_SPECS:
             print(f"  {spec}")
+    if what in ("all", "textgen"):
+        print("text-generation backends (vlmtune textgen --backend B --model M; docs/textgen.md):")
+        print("  toy            the bundled toy describer (offline, default)")
+        print("  openai         any OpenAI-compatible endpoint (--endpoint URL): vLLM, ollama, llama.cpp, hosted APIs")
+        print("  transformers   a local LLaVA-style image-text-to-text model or text LLM (hub id or folder)")
     return 0
 
 
@@ -402,6 +410,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20)
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (docs at /docs; usage in {db})", flush=True)
     uvicorn.Server(server_config(app, args.host, args.port)).run()
+    return 0
+
+
+# ---- textgen -------------------------------------------------------------------------------------------------
+def _textgen_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(
+        f"--{prefix}backend" if prefix else "--backend",
+        dest="textgen",
+        default=None,
+        help="text generation: toy (bundled, offline; default), openai (an OpenAI-compatible endpoint) "
+        "or transformers (a local LLaVA-style model)",
+    )
+    p.add_argument(
+        f"--{prefix}model",
+        dest="textgen_model",
+        default=None,
+        help="the generator's model (openai: the served model name; transformers: hub id or folder)",
+    )
+    p.add_argument(
+        f"--{prefix}endpoint",
+        dest="textgen_endpoint",
+        default=None,
+        help="openai backend: base URL (default $VLMTUNE_TEXTGEN_ENDPOINT or http://localhost:8000/v1; "
+        "API key from $VLMTUNE_TEXTGEN_API_KEY or $OPENAI_API_KEY)",
+    )
+
+
+def cmd_textgen(args: argparse.Namespace) -> int:
+    from vlmtune.runs.runner import open_cache
+    from vlmtune.runs.textgen import open_text_cache, pregenerate, stage_for
+    from vlmtune.textgen import GenSettings
+
+    settings = GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    options: dict[str, Any] = {}
+    if args.quantize:
+        options["quantize"] = args.quantize
+    if args.concurrency:
+        options["concurrency"] = args.concurrency
+    device = args.device or "cpu"
+    stage = stage_for(
+        args.textgen or "toy",
+        args.textgen_model,
+        args.textgen_endpoint,
+        open_text_cache(args.cache_dir, not args.no_cache),
+        device,
+        _progress(args),
+        settings,
+        options,
+    )
+    overrides = {args.kind: args.prompt} if args.prompt else {}
+    summary = pregenerate(
+        stage,
+        args.dataset,
+        args.kind,
+        args.split,
+        args.data_root,
+        args.backbone or "toy",
+        device,
+        args.prompts,
+        overrides,
+        args.n,
+        args.group_size,
+        args.limit,
+        open_cache(args.cache_dir, not args.no_cache),
+    )
+    print(summary.line())
+    return 0
+
+
+def cmd_textgen_serve(args: argparse.Namespace) -> int:
+    from vlmtune.errors import require
+
+    require("fastapi", "serve", "vlmtune textgen-serve")
+    uvicorn = require("uvicorn", "serve", "vlmtune textgen-serve")
+    from vlmtune.textgen import load_generator
+    from vlmtune.textgen.serve import chat_app
+
+    generator = load_generator(args.textgen or "toy", args.textgen_model, device=args.device)
+    print(f"serving {generator.name}:{generator.model} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(chat_app(generator), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -461,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--student", default=None, help="distillation (coft, coft_plus): the backbone fine-tuned; --backbone teaches"
     )
+    _textgen_args(p, "textgen-")
     p.set_defaults(fn=cmd_fit)
 
     p = command(
@@ -567,8 +656,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip the jobs already in <out>/jobs.jsonl")
     p.set_defaults(fn=cmd_protocol)
 
-    p = command("list", help="list methods (and their options), datasets and backbones")
-    p.add_argument("what", nargs="?", choices=("all", "methods", "datasets", "backbones"), default="all")
+    p = command(
+        "textgen",
+        help="pre-generate LLM / LMM texts for a dataset into the text cache (methods read them from there)",
+        description="Examples:\n  vlmtune textgen --dataset toy:shapes-noisy-pool --kind image\n"
+        "  vlmtune textgen --dataset dtd --data-root ~/data --kind group --backend transformers "
+        "--model llava-hf/llava-v1.6-mistral-7b-hf --device cuda --quantize 4bit\n"
+        "  vlmtune textgen --dataset caltech101 --kind image --backend openai --model llava "
+        "--endpoint http://gpu-box:8000/v1\n"
+        "Texts land in <cache-dir>/textgen/texts.sqlite (+ a JSONL copy); copy that folder to share them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--kind", required=True, choices=("image", "group", "class", "templates"))
+    _textgen_args(p)
+    p.add_argument("--split", default="train", help="the images described (default: train)")
+    p.add_argument("--prompts", default="paper", choices=("paper", "reference"), help="the papers' or the code's")
+    p.add_argument("--prompt", default=None, help="your own prompt for this kind (placeholders: docs/textgen.md)")
+    p.add_argument("--n", type=int, default=8, help="class: sentences per class; templates: how many")
+    p.add_argument("--group-size", type=int, default=4, help="group: images per collage (LatteCLIP: 4)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (a quick look)")
+    p.add_argument("--max-new-tokens", type=int, default=77)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the papers')")
+    p.add_argument("--quantize", default=None, choices=("4bit",), help="transformers: 4-bit weights (bitsandbytes)")
+    p.add_argument("--concurrency", type=int, default=None, help="openai: requests in flight (default 8)")
+    p.set_defaults(fn=cmd_textgen)
+
+    p = command("textgen-serve", help="serve a text generator (default: the toy describer) as an OpenAI-compatible API")
+    _textgen_args(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8766)
+    p.set_defaults(fn=cmd_textgen_serve)
+
+    p = command("list", help="list methods (and their options), datasets, backbones and text-generation backends")
+    p.add_argument("what", nargs="?", choices=("all", "methods", "datasets", "backbones", "textgen"), default="all")
     p.add_argument("--options", action="store_true", help="each method's options: type, default, range and doc")
     p.set_defaults(fn=cmd_list)
     return ap

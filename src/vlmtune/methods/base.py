@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
     from vlmtune.blackbox.api import ImageRefs
     from vlmtune.features.extract import FeatureSet, UnlabeledFeatures
     from vlmtune.pixels.data import ImageSet
+    from vlmtune.textgen.stage import DatasetTexts
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
@@ -94,6 +95,8 @@ class Task:
         train_images: the images of ``train`` as pixels with their labels (pixel methods), else None.
         student: distillation (``Method.supports_student``): the backbone the method fine-tunes and returns an
             adapter for, while the ``fit`` handle (the teacher) pseudo-labels; None otherwise.
+        texts: the text-generation stage bound to the training images (labels removed): LLM / LMM descriptions
+            and templates, cached (``vlmtune.textgen``); None where the runner has no training split.
     """
 
     classnames: list[str]
@@ -104,6 +107,7 @@ class Task:
     images: ImageSet | None = None
     train_images: ImageSet | None = None
     student: Backbone | None = None
+    texts: DatasetTexts | None = None
 
     @property
     def num_classes(self) -> int:

@@ -7,7 +7,8 @@ prompts and keeps it iff model j's positive prompt beats its negative prompt at 
 fully fine-tunes the pretrained image tower with an FC head (Eq. 7) on each clean set; the prediction averages the
 two fine-tuned models' probabilities. CoFT+: R rounds of Phase I, each from the pretrained model on the top-K
 re-selected by the previous round's model (one set per model); momentum contrast over all images during the
-fine-tuning (Eq. 8-10); descriptive (LLM-written) sentences per class for the initial zero-shot step.
+fine-tuning (Eq. 8-10); LLM-written templates (or sentences per class) for the initial zero-shot step, from
+the text-generation stage (``Task.texts``).
 
 No public code exists: the defaults not in the paper come from DeFT, its dual-prompt ancestor
 (docs/methods/coft.md, docs/fidelity.md). The runner measures every pseudo-label set it reports: S*, each model's
@@ -84,10 +85,14 @@ class CoFTConfig:
 
 @method_config
 class CoFTPlusConfig(CoFTConfig):
-    template: str = option("ensemble", PSEUDO_TEMPLATE_DOC + "; used when no descriptions file is given")
+    template: str = option("ensemble", PSEUDO_TEMPLATE_DOC + "; used with descriptions=none")
     descriptions: str | None = option(
-        None, "JSON {class name: [sentences]} (LLM-written) for the initial zero-shot step; none = the templates"
+        "generate",
+        "LLM-written text of the initial zero-shot step: 'generate' (templates with a class slot from the "
+        "text-generation stage, the paper's), 'generate-classes' (sentences per class), a JSON file {class name: "
+        "[sentences]}, or none (the template option)",
     )
+    generated: int = option(8, "descriptions=generate*: templates to write, or sentences per class", ge=1)
     rounds: int = option(3, "R: rounds of Phase I, each from the pretrained model on re-selected top-K sets", ge=1)
     moco: bool = option(True, "momentum contrast over all images during the full fine-tuning (Eq. 8-10)")
     moco_momentum: float = option(0.999, "mu: EMA momentum of the key encoder (MoCo)", ge=0, lt=1)
@@ -265,9 +270,22 @@ class CoFTPlus(CoFT):
         return self.config.rounds
 
     def initial_weights(self, handle: Backbone, task: Task) -> torch.Tensor:
-        if self.config.descriptions is None:
+        source, n = self.config.descriptions, self.config.generated
+        if source is None:
             return super().initial_weights(handle, task)
-        return class_description_weights(handle, task.classnames, read_descriptions(self.config.descriptions))
+        if source not in ("generate", "generate-classes"):
+            return class_description_weights(handle, task.classnames, read_descriptions(source))
+        if task.texts is None:
+            self.hooks.note("CoFT+: no text-generation stage in this run; pseudo-labels from the templates")
+            return super().initial_weights(handle, task)
+        if source == "generate-classes":
+            return class_description_weights(handle, task.classnames, task.texts.class_descriptions(task.classnames, n))
+        templates = task.texts.templates(n)
+        if not templates:
+            self.hooks.note("CoFT+: the generator wrote no template with a {} slot; pseudo-labels from the templates")
+            return super().initial_weights(handle, task)
+        self.hooks.note(f"CoFT+: initial pseudo-labels from {len(templates)} generated templates: {templates}")
+        return class_text_weights(handle, task.classnames, templates)
 
     def moco(self) -> MoCoSettings | None:
         cfg = self.config

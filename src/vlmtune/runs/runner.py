@@ -44,7 +44,10 @@ from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
+from vlmtune.runs.textgen import stage_for, text_cache_for
 from vlmtune.runs.training_log import TrainingLog
+from vlmtune.textgen import DatasetTexts
+from vlmtune.textgen.backends import model_name
 
 log = logging.getLogger(__name__)
 RUN_MARKERS = ("config.json", "results.json", "adapter", "state")
@@ -77,6 +80,10 @@ class RunConfig:
         student: distillation (methods with ``supports_student``, CoFT): the backbone whose image tower the method
             fine-tunes, while ``backbone`` (the teacher) pseudo-labels; the adapter is scored and saved for the
             student.
+        textgen: the text-generation backend of methods that use LLM / LMM texts (``toy``, ``openai``,
+            ``transformers``; ``vlmtune.textgen``); texts come from the cache when they are there.
+        textgen_model: its model (None = the backend's default: the bundled toy describer for ``toy``).
+        textgen_endpoint: the ``openai`` backend's URL (None = ``$VLMTUNE_TEXTGEN_ENDPOINT`` or localhost:8000).
     """
 
     method: str = "linear_probe"
@@ -94,6 +101,9 @@ class RunConfig:
     curve_every: int | None = None
     service: str | None = None
     student: str | None = None
+    textgen: str = "toy"
+    textgen_model: str | None = None
+    textgen_endpoint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,6 +332,7 @@ def run(
     assert cfg.shots is not None
     if cfg.shots < 0:
         raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
+    model_name(cfg.textgen, cfg.textgen_model)  # a bad text-generation backend fails before anything loads
     if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
         raise VlmtuneError(f"--service trains black-box methods only; {cfg.method} needs the model itself")
     processes = init_from_env(cfg.device)
@@ -389,7 +400,13 @@ def _run_features(
 ) -> RunResult:
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
     task, train_split = make_task(splits, source, cfg, method)
-    task = replace(task, student=student)
+    texts = None
+    if train_split is not None:  # the backend loads on the first text a method asks for that is not cached
+        stage = stage_for(
+            cfg.textgen, cfg.textgen_model, cfg.textgen_endpoint, text_cache_for(cache), cfg.device, progress
+        )
+        texts = DatasetTexts(stage, train_split)
+    task = replace(task, student=student, texts=texts)
     watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)

@@ -142,30 +142,40 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     for name in TOY_TASKS:
         log.info("final zero-shot %-14s %.3f", name, zero_shot_accuracy(model, tok, name, args.device, n=50))
-    args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "toy_clip.safetensors"))
     meta = {
         "format": "vlmtune-toyclip/1",
         "config": cfg.to_dict(),
         "words": vocabulary(),
         "normalise": {"mean": MEAN, "std": STD},
         "provenance": {
-            "seed": args.seed,
+            **run_provenance(args, elapsed, model.n_params()),
             "size": args.size,
-            "steps": args.steps,
             "rare_shape_prob": args.rare_shape_prob,
             "dialect_pairs": args.dialect_pairs,
-            "batch": args.batch,
-            "lr": args.lr,
-            "device": str(args.device),
-            "seconds": round(elapsed, 1),
-            "torch": torch.__version__,
-            "n_params": model.n_params(),
         },
     }
-    (args.out / "toy_clip.json").write_text(json.dumps(meta, indent=1))
+    write_weights(args.out, "toy_clip", state, meta)
     log.info("saved to %s in %.0fs", args.out, elapsed)
+
+
+def run_provenance(args: argparse.Namespace, seconds: float, n_params: int) -> dict[str, object]:
+    """What a toy training script records of its run (shared by pretrain and train_describer)."""
+    keys = ("seed", "steps", "batch", "lr")
+    return {
+        **{k: getattr(args, k) for k in keys},
+        "device": str(args.device),
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "n_params": n_params,
+    }
+
+
+def write_weights(out: Path, stem: str, state: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+    """``<out>/<stem>.safetensors`` + ``<out>/<stem>.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / f"{stem}.safetensors"))
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":
