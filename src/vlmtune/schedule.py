@@ -30,6 +30,9 @@ class Schedule:
     warmup_lr: float = 1e-5
     warmup: Literal["constant", "linear"] = "constant"
     optimizer: Literal["sgd", "adamw"] = "sgd"  # AdamW (LaFTer, LatteCLIP) ignores ``momentum``
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (open_clip's training: (0.9, 0.98))
+    eps: float = 1e-8  # AdamW (open_clip's training: 1e-6)
+    decay_matrices_only: bool = False  # weight decay on parameters with >= 2 dimensions only (open_clip)
 
     def lr_at(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:
@@ -42,9 +45,15 @@ class Schedule:
 
 def make_optimizer(params: list[nn.Parameter], schedule: Schedule) -> torch.optim.Optimizer:
     """The optimiser ``schedule`` names, at its base rate (``set_lr`` moves it each epoch)."""
+    groups: list[dict] = [{"params": params, "weight_decay": schedule.weight_decay}]
+    if schedule.decay_matrices_only:  # gains, biases, embeddings of rank 1 decay-free (open_clip's main.py)
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": schedule.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
     if schedule.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+        return torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, eps=schedule.eps)
+    return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, schedule: Schedule, epoch: int) -> float:

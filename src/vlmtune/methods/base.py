@@ -258,6 +258,7 @@ BUILTIN_METHODS = (
     "fpl",
     "cpl",
     "coft",
+    "latteclip",
 )
 
 

@@ -253,13 +253,23 @@ def make_task(
             unlabeled=source.features(unlabeled).without_labels(),
             images=ImageSet.unlabelled(unlabeled) if pixels else None,
             train_images=ImageSet.labelled(labelled) if pixels and labelled is not None else None,
+            texts=_texts(cfg, source, unlabeled),
         )
         return task, unlabeled
     train_split = train_split_for(splits, cfg)
     train = source.features(train_split)
     train_images = ImageSet.labelled(train_split) if pixels else None
-    task = Task(train_split.classnames, train_split.templates, train=train, val=val, train_images=train_images)
+    texts = _texts(cfg, source, train_split)
+    task = Task(train_split.classnames, train_split.templates, train, val, train_images=train_images, texts=texts)
     return task, train_split
+
+
+def _texts(cfg: RunConfig, source: FeatureSource, split: DatasetSplit) -> DatasetTexts:
+    """The text-generation stage over the training images (labels removed; the backend loads on the first text a
+    method asks for that is not in the cache beside the feature cache)."""
+    cache = text_cache_for(source.cache)
+    stage = stage_for(cfg.textgen, cfg.textgen_model, cfg.textgen_endpoint, cache, cfg.device, source.progress)
+    return DatasetTexts(stage, split)
 
 
 def split_logits(
@@ -400,13 +410,7 @@ def _run_features(
 ) -> RunResult:
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
     task, train_split = make_task(splits, source, cfg, method)
-    texts = None
-    if train_split is not None:  # the backend loads on the first text a method asks for that is not cached
-        stage = stage_for(
-            cfg.textgen, cfg.textgen_model, cfg.textgen_endpoint, text_cache_for(cache), cfg.device, progress
-        )
-        texts = DatasetTexts(stage, train_split)
-    task = replace(task, student=student, texts=texts)
+    task = replace(task, student=student)
     watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)

@@ -28,10 +28,16 @@ from vlmtune.textgen import DatasetTexts, GenSettings, Prompts, TextCache, TextS
 TEXTGEN_KINDS = ("image", "group", "class", "templates")
 
 
+_MEMORY: list[TextCache] = []
+
+
 def text_cache_for(cache: FeatureCache | None) -> TextCache:
-    """The text cache beside a feature cache (``<root>/textgen``), or in memory when caching is off."""
+    """The text cache beside a feature cache (``<root>/textgen``), or, when caching is off, one in-memory cache
+    shared by the runs of this process (a second run in the same process generates nothing again)."""
     if cache is None or cache.root is None:
-        return TextCache(None)
+        if not _MEMORY:
+            _MEMORY.append(TextCache(None))
+        return _MEMORY[0]
     return TextCache(cache.root.parent / "textgen")
 
 

@@ -71,7 +71,8 @@ class TextCache:
             if self.root is not None:
                 self.root.mkdir(parents=True, exist_ok=True)
             try:
-                conn = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=30)
+                target = str(self.path) if self.path else ":memory:"
+                conn = sqlite3.connect(target, timeout=30, check_same_thread=False)  # writes stay on one thread
                 conn.execute(_SCHEMA)
                 conn.commit()
             except sqlite3.DatabaseError as exc:

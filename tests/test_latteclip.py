@@ -1,0 +1,70 @@
+"""LatteCLIP (paper 004): Eq. (1)-(2) and the momentum update against hand computations, the runner's dual
+pseudo-label diagnostics, the adapter carrying the image tower alone."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conftest import FAST_OPTIONS
+from vlmtune.methods._contrastive import clip_loss, epochs_for
+from vlmtune.methods.latteclip import ABLATIONS, mixer_weights, momentum_update, prototype_text
+from vlmtune.runs.runner import RunConfig, run
+
+
+def test_mixer_weight_is_the_gap_between_the_two_closest_prototypes():
+    protos = torch.eye(3)  # (K, D)
+    text = torch.tensor([[0.8, 0.6, 0.0], [1.0, 1.0, 1.0]])  # (B, D): unit-norm, and equidistant
+    w = mixer_weights(text, protos)  # Eq. (1)
+    assert torch.allclose(w, torch.tensor([0.8 - 0.6, 0.0]), atol=1e-6)
+
+
+def test_prototype_text_embedding_blends_weighted_texts_with_the_prototype():
+    protos = torch.eye(3)
+    labels = torch.tensor([0])
+    a, b = torch.tensor([[0.8, 0.6, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])  # weights 0.2 and 1 (+1e-6)
+    t = prototype_text([a, b], protos, labels, alpha=0.5, mixer=True)  # Eq. (2)
+    wa, wb = 0.2 + 1e-6, 1.0 + 1e-6
+    expected = 0.5 * (wa * a + wb * b) / (wa + wb) + 0.5 * protos[0]
+    assert torch.allclose(t, expected, atol=1e-6)
+    flat = prototype_text([a, b], protos, labels, alpha=0.5, mixer=False)  # the no-mixer ablation: plain mean
+    assert torch.allclose(flat, 0.5 * (a + b) / 2 + 0.5 * protos[0])
+
+
+def test_momentum_update_moves_only_the_batch_classes_towards_their_mean():
+    protos = torch.eye(3)
+    labels = torch.tensor([0, 0, 2])
+    embeds = torch.tensor([[0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
+    momentum_update(protos, labels, embeds, mu=0.9, normalize=False)
+    assert torch.allclose(protos[0], torch.tensor([0.9, 0.2, 0.0]))  # 0.1 * mean(0, 2, 0) + 0.9 * e0
+    assert torch.allclose(protos[1], torch.tensor([0.0, 1.0, 0.0]))  # untouched
+    assert torch.allclose(protos[2], torch.tensor([0.1, 0.0, 0.9]))
+    momentum_update(protos, labels, embeds, mu=0.9, normalize=True)  # the reference code renormalises
+    assert torch.allclose(protos[[0, 2]].norm(dim=-1), torch.ones(2))
+
+
+def test_clip_loss_is_symmetric_and_small_for_matching_pairs():
+    x = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert clip_loss(x, x, 100.0) < 1e-3 < clip_loss(x, x.roll(1, 0), 100.0)
+    assert torch.isclose(clip_loss(x, x.flip(0), 10.0), clip_loss(x.flip(0), x, 10.0))
+
+
+def test_training_length_is_min_of_iterations_and_epochs():
+    assert epochs_for(4000, 512, 2000, 50) == 50  # 8 steps an epoch: 50 epochs (400 steps) come first
+    assert epochs_for(50000, 512, 2000, 50) == 21  # 98 steps an epoch: 2000 steps take 21 epochs
+    assert set(ABLATIONS) >= {"no-mixer", "no-zs", "no-ft", "no-momentum", "class-only", "reference"}
+
+
+def test_runner_reports_both_pseudo_labels_and_the_adapter_carries_the_image_tower_only(toy):
+    options = {**FAST_OPTIONS["latteclip"], "texts": "class+image+group"}
+    # 28 labelled shots per class leave 40 unlabelled images to describe (LatteCLIP trains on those alone)
+    cfg = RunConfig(method="latteclip", dataset="toy:shapes", shots=28, options=options)
+    result = run(cfg, backbone=toy, progress=False)
+    sources = {row["source"] for row in result.pseudo_labels}
+    assert {"zero-shot", "fine-tuned"} <= sources
+    zs = next(r for r in result.pseudo_labels if r["source"] == "zero-shot")
+    assert zs["n"] == 40 and 0 <= zs["accuracy"] <= 100
+    tower = result.classifier.tower
+    text_keys = [k for k in tower if k.startswith(("text.", "transformer.", "token_embedding"))]
+    assert tower and not text_keys  # the text tower's training ends in the prototypes
+    assert result.accuracy["test"] > 50
