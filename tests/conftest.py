@@ -131,6 +131,8 @@ FAST_OPTIONS = {
     "coft_plus": {**FAST_COFT, "rounds": 1, "moco": False},  # MoCo: test_coft.py
     # class texts only: generated texts through the runner are exercised once, in test_latteclip.py
     "latteclip": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0, "texts": "class"},
+    "flyp": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0},
+    "flyp_pl": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0},
 }
 
 

@@ -9,8 +9,11 @@ from vlmtune.methods.base import Classifier, list_methods, load_classifier, make
 from vlmtune.metrics import accuracy
 
 METHODS = [m.name for m in list_methods()]
-# coft_plus runs coft's pipeline (its rounds and MoCo: test_coft.py); its repeat-fit contract checks are slow-marked
-REPEATS = [pytest.param(m, marks=pytest.mark.slow) if m == "coft_plus" else m for m in METHODS]
+# Repeat-fit contract checks slow-marked for the costliest pixel trainers, to keep the default suite under 10 minutes:
+# coft_plus runs coft's pipeline (its rounds and MoCo: test_coft.py); flyp / flyp_pl fine-tune both towers over a
+# whole epoch like latteclip, whose repeat checks stay in the default suite for all three.
+SLOW_REPEATS = {"coft_plus", "flyp", "flyp_pl"}
+REPEATS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_REPEATS else m for m in METHODS]
 
 
 @pytest.mark.parametrize("name", METHODS)

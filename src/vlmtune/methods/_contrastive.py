@@ -8,14 +8,37 @@ the text tower is reset to the base's weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.backbones.tuning import TowerTuning, tunable_copy
+from vlmtune.methods._options import method_config, option
+from vlmtune.methods._tower import TowerClassifier, TowerHead, draw_seed
+from vlmtune.methods.base import TrainingHooks
+from vlmtune.pixels import ImageSet, LabelledViews, LossModule, make_loader, train_pixels
+from vlmtune.pixels import view as make_view
 from vlmtune.schedule import Schedule
 
 FULL = TowerTuning(mode="full")
+Augment = Literal["none", "flip-crop", "mocov2", "latteclip", "fixmatch-weak", "fixmatch-strong"]
+
+
+@method_config
+class ContrastiveConfig:
+    """The schedule both contrastive fine-tuners share (LatteCLIP's paper settings; FLYP+PL uses the same)."""
+
+    lr: float = option(1e-7, "AdamW learning rate (LatteCLIP: 1e-7; 1e-6 for Food101 and SUN397)", gt=0)
+    batch_size: int = option(512, "batch size (LatteCLIP)", ge=2)
+    iterations: int = option(2000, "training length: min(iterations, max_epochs epochs) (LatteCLIP)", ge=1)
+    max_epochs: int = option(50, "see iterations (LatteCLIP)", ge=1)
+    weight_decay: float = option(0.2, "AdamW weight decay on matrices (open_clip)", ge=0)
+    warmup_epochs: int = option(0, "linear warm-up epochs (LatteCLIP states none; its code warms up some steps)", ge=0)
+    augment: Augment = option("latteclip", "training views (LatteCLIP's code: RRC 0.9-1 + colour jitter + grey)")
+    workers: int | None = option(None, "DataLoader workers per process (none = cores - 1, <= 8; 0 on <= 2 cores)", ge=0)
 
 
 def both_towers(base: Backbone, generator: torch.Generator) -> Backbone:
@@ -70,3 +93,34 @@ def epochs_for(n_images: int, batch_size: int, iterations: int, max_epochs: int)
     """min(``iterations`` steps, ``max_epochs`` epochs) as whole epochs (LatteCLIP: min{2000 iterations, 50 epochs})."""
     per_epoch = max(1, -(-n_images // batch_size))
     return max(1, min(max_epochs, -(-iterations // per_epoch)))
+
+
+def fit_both_towers(
+    tuned: Backbone,
+    sources: Sequence[tuple[ImageSet, torch.Tensor, torch.Tensor]],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cfg: ContrastiveConfig,
+    generator: torch.Generator,
+    hooks: TrainingHooks,
+    *,
+    after_step: Callable[[], None] | None = None,
+    on_epoch: Callable[[int], dict[str, float]] | None = None,
+) -> None:
+    """Train ``tuned`` (both towers) on ``loss(views, targets)`` over the ``LabelledViews`` of ``sources`` with
+    open_clip's AdamW for min(iterations, max_epochs epochs)."""
+    data = LabelledViews(sources, make_view(cfg.augment, tuned))
+    loader = make_loader(data, cfg.batch_size, seed=draw_seed(generator), workers=cfg.workers)
+    epochs = epochs_for(len(data), cfg.batch_size, cfg.iterations, cfg.max_epochs)
+    schedule = open_clip_adamw(cfg.lr, epochs, cfg.batch_size, cfg.weight_decay, cfg.warmup_epochs)
+    train_pixels(
+        LossModule({"model": tuned.model}, loss), loader, schedule, step=hooks.step, on_epoch=on_epoch,
+        after_step=after_step, device=tuned.device, seed=draw_seed(generator),
+    )  # fmt: skip
+
+
+def tower_adapter(
+    cls: type[TowerClassifier], classnames: Sequence[str], weights: torch.Tensor, tuned: Backbone, base: Backbone
+) -> TowerClassifier:
+    """The adapter: class features ``weights`` (K, D) as a cosine head on the fine-tuned image tower alone."""
+    head = TowerHead(F.normalize(weights.detach().float(), dim=-1).cpu(), base.logit_scale, cosine=True)
+    return head.to_classifier(cls, classnames, (), image_tower_only(tuned, base), base, FULL)

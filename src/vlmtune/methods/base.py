@@ -259,6 +259,7 @@ BUILTIN_METHODS = (
     "cpl",
     "coft",
     "latteclip",
+    "flyp",
 )
 
 

@@ -20,21 +20,18 @@ import torch.nn.functional as F
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
-from vlmtune.methods._contrastive import FULL, both_towers, clip_loss, epochs_for, image_tower_only, open_clip_adamw
+from vlmtune.methods._contrastive import ContrastiveConfig, both_towers, clip_loss, fit_both_towers, tower_adapter
 from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates, unlabeled_of
 from vlmtune.methods._options import method_config, option
 from vlmtune.methods._text import class_text_weights
-from vlmtune.methods._tower import TowerClassifier, TowerHead, draw_seed
+from vlmtune.methods._tower import TowerClassifier
 from vlmtune.methods.base import Method, Task, register_method
-from vlmtune.pixels import LabelledViews, LossModule, make_loader, train_pixels
-from vlmtune.pixels import view as make_view
 
-Augment = Literal["none", "flip-crop", "mocov2", "latteclip", "fixmatch-weak", "fixmatch-strong"]
 Texts = Literal["class", "class+image", "class+group", "class+image+group", "image+group"]
 
 
 @method_config
-class LatteCLIPConfig:
+class LatteCLIPConfig(ContrastiveConfig):
     template: str = option(
         "a photo of a {}.", PSEUDO_TEMPLATE_DOC + " (T^class and c_zs; paper: 'a photo of a [class].')"
     )
@@ -46,15 +43,7 @@ class LatteCLIPConfig:
     use_ft: bool = option(True, "L_ft: the fine-tuned model's pseudo-label's loss (Table 3)")
     momentum_update: bool = option(True, "update the prototypes (false: fixed at T^class, Table 3)")
     normalize_prototypes: bool = option(False, "renormalise prototypes after each update (the reference code)")
-    lr: float = option(1e-7, "AdamW learning rate (paper: 1e-7; 1e-6 for Food101 and SUN397)", gt=0)
-    batch_size: int = option(512, "batch size (paper)", ge=2)
-    iterations: int = option(2000, "training length: min(iterations, max_epochs epochs) (paper)", ge=1)
-    max_epochs: int = option(50, "see iterations (paper)", ge=1)
-    weight_decay: float = option(0.2, "AdamW weight decay on matrices (open_clip)", ge=0)
-    warmup_epochs: int = option(0, "linear warm-up epochs (the paper states none; the code warms up some steps)", ge=0)
-    augment: Augment = option("latteclip", "training views (the code's RRC 0.9-1 + colour jitter + grey)")
     group_size: int = option(4, "images per group description (paper: 4, 2x2 collage)", ge=1)
-    workers: int | None = option(None, "DataLoader workers per process (none = cores - 1, <= 8; 0 on <= 2 cores)", ge=0)
 
 
 class LatteCLIPClassifier(TowerClassifier):
@@ -191,15 +180,7 @@ class LatteCLIP(Method):
             return {}
 
         assert task.images is not None
-        index = torch.arange(n)
-        data = LabelledViews([(task.images, index, index)], make_view(cfg.augment, tuned))  # y = the image's index
-        loader = make_loader(data, cfg.batch_size, seed=draw_seed(generator), workers=cfg.workers)
-        epochs = epochs_for(n, cfg.batch_size, cfg.iterations, cfg.max_epochs)
-        schedule = open_clip_adamw(cfg.lr, epochs, cfg.batch_size, cfg.weight_decay, cfg.warmup_epochs)
-        module = LossModule({"model": tuned.model}, loss)
-        train_pixels(
-            module, loader, schedule, step=self.hooks.step, on_epoch=on_epoch, after_step=update, device=device,
-            seed=draw_seed(generator),
-        )  # fmt: skip
-        head = TowerHead(F.normalize(prototypes.float(), dim=-1).cpu(), scale, cosine=True)
-        return head.to_classifier(self.classifier, task.classnames, (), image_tower_only(tuned, handle), handle, FULL)
+        index = torch.arange(n)  # the target of each view is the image's index (its texts and c_zs)
+        fit_both_towers(tuned, [(task.images, index, index)], loss, cfg, generator, self.hooks, after_step=update,
+                        on_epoch=on_epoch)  # fmt: skip
+        return tower_adapter(self.classifier, task.classnames, prototypes, tuned, handle)  # type: ignore[return-value]
