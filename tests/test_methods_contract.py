@@ -10,8 +10,8 @@ from vlmtune.metrics import accuracy
 
 METHODS = [m.name for m in list_methods()]
 # Repeat-fit contract checks slow-marked for the costliest pixel trainers, to keep the default suite under 10 minutes:
-# coft_plus runs coft's pipeline (its rounds and MoCo: test_coft.py); flyp / flyp_pl fine-tune both towers over a
-# whole epoch like latteclip, whose repeat checks stay in the default suite for all three.
+# coft_plus runs coft's pipeline (its rounds and MoCo: test_coft.py); flyp / flyp_pl fine-tune both towers on the same
+# contrastive loop as latteclip, whose repeat checks stay in the default suite and cover that loop.
 SLOW_REPEATS = {"coft_plus", "flyp", "flyp_pl"}
 REPEATS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_REPEATS else m for m in METHODS]
 

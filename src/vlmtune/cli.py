@@ -439,8 +439,8 @@ def _textgen_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def cmd_textgen(args: argparse.Namespace) -> int:
     from vlmtune.runs.runner import open_cache
-    from vlmtune.runs.textgen import open_text_cache, pregenerate, stage_for
-    from vlmtune.textgen import GenSettings
+    from vlmtune.runs.textgen import pregenerate, text_cache_for
+    from vlmtune.textgen import GenSettings, TextStage
 
     settings = GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     options: dict[str, Any] = {}
@@ -449,15 +449,16 @@ def cmd_textgen(args: argparse.Namespace) -> int:
     if args.concurrency:
         options["concurrency"] = args.concurrency
     device = args.device or "cpu"
-    stage = stage_for(
+    feature_cache = open_cache(args.cache_dir, not args.no_cache)
+    stage = TextStage(
         args.textgen or "toy",
         args.textgen_model,
-        args.textgen_endpoint,
-        open_text_cache(args.cache_dir, not args.no_cache),
-        device,
-        _progress(args),
+        text_cache_for(feature_cache),
         settings,
-        options,
+        endpoint=args.textgen_endpoint,
+        device=device,
+        options=options,
+        progress=_progress(args),
     )
     overrides = {args.kind: args.prompt} if args.prompt else {}
     summary = pregenerate(
@@ -473,7 +474,7 @@ def cmd_textgen(args: argparse.Namespace) -> int:
         args.n,
         args.group_size,
         args.limit,
-        open_cache(args.cache_dir, not args.no_cache),
+        feature_cache,
     )
     print(summary.line())
     return 0

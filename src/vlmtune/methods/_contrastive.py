@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.backbones.tuning import TowerTuning, tunable_copy
+from vlmtune.methods._label_free import unlabeled_of
 from vlmtune.methods._options import method_config, option
+from vlmtune.methods._text import class_text_weights
 from vlmtune.methods._tower import TowerClassifier, TowerHead, draw_seed
-from vlmtune.methods.base import TrainingHooks
+from vlmtune.methods.base import Task, TrainingHooks
 from vlmtune.pixels import ImageSet, LabelledViews, LossModule, make_loader, train_pixels
 from vlmtune.pixels import view as make_view
 from vlmtune.schedule import Schedule
@@ -93,6 +95,36 @@ def epochs_for(n_images: int, batch_size: int, iterations: int, max_epochs: int)
     """min(``iterations`` steps, ``max_epochs`` epochs) as whole epochs (LatteCLIP: min{2000 iterations, 50 epochs})."""
     per_epoch = max(1, -(-n_images // batch_size))
     return max(1, min(max_epochs, -(-iterations // per_epoch)))
+
+
+def frozen_pseudo_labels(
+    method: str, handle: Backbone, task: Task, templates: Sequence[str], hooks: TrainingHooks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class text features (K, D), the frozen model's labels (N,) of the unlabelled images), the labels reported to
+    the runner as round 0 (``zero-shot``)."""
+    weights = class_text_weights(handle, task.classnames, templates)  # (K, D)
+    labels = (unlabeled_of(task, method).features.float().cpu() @ weights.T).argmax(-1)  # (N,)
+    hooks.pseudo_labels(0, "all", torch.arange(len(labels)), labels, "zero-shot")
+    return weights, labels
+
+
+class EpochLabels:
+    """The latest pseudo-label each image got from the model being fine-tuned (its training view), reported to the
+    runner at the end of every epoch with ``source`` (nothing when none was recorded)."""
+
+    def __init__(self, hooks: TrainingHooks, source: str = "fine-tuned") -> None:
+        self.hooks, self.source = hooks, source
+        self.latest: dict[int, int] = {}
+
+    def record(self, index: torch.Tensor, labels: torch.Tensor) -> None:
+        self.latest.update(zip(index.tolist(), labels.tolist(), strict=True))
+
+    def on_epoch(self, epoch: int) -> dict[str, float]:
+        if self.latest:
+            idx = sorted(self.latest)
+            labels = torch.tensor([self.latest[i] for i in idx])
+            self.hooks.pseudo_labels(epoch + 1, "all", torch.tensor(idx), labels, self.source)
+        return {}
 
 
 def fit_both_towers(

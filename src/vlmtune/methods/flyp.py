@@ -17,8 +17,16 @@ import torch
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods._contrastive import ContrastiveConfig, both_towers, clip_loss, fit_both_towers, tower_adapter
-from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates, unlabeled_of
+from vlmtune.methods._contrastive import (
+    ContrastiveConfig,
+    EpochLabels,
+    both_towers,
+    clip_loss,
+    fit_both_towers,
+    frozen_pseudo_labels,
+    tower_adapter,
+)
+from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates
 from vlmtune.methods._options import method_config, option
 from vlmtune.methods._text import class_text_weights
 from vlmtune.methods._tower import TowerClassifier
@@ -70,7 +78,7 @@ class _Contrastive(Method):
         tuned = both_towers(handle, generator)
         k = task.num_classes
         tokens = tuned.tokenize([t.format(c) for t in templates for c in task.classnames]).to(tuned.device)  # (T K, L)
-        used: dict[int, int] = {}
+        relabelled = EpochLabels(self.hooks)
 
         def loss(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             f = tuned.encode_images(x)  # (B, D)
@@ -79,19 +87,12 @@ class _Contrastive(Method):
                 with torch.no_grad():
                     g = tuned.encode_tokens(tokens).view(len(templates), k, -1).mean(0)  # (K, D)
                     y = (f.float() @ torch.nn.functional.normalize(g.float(), dim=-1).T).argmax(-1)
-                used.update(zip(pos.tolist(), y.tolist(), strict=True))
+                relabelled.record(pos, y)
             pick = torch.randint(len(templates), (len(y),), device=y.device) * k + y  # one template per image
             return clip_loss(f, tuned.encode_tokens(tokens[pick]).to(f.dtype), handle.logit_scale)
 
-        def on_epoch(epoch: int) -> dict[str, float]:
-            if relabel and used:
-                idx = sorted(used)
-                self.hooks.pseudo_labels(epoch + 1, "all", torch.tensor(idx), torch.tensor([used[i] for i in idx]),
-                                         "fine-tuned")  # fmt: skip
-            return {}
-
         index = torch.arange(len(targets))
-        fit_both_towers(tuned, [(images, index, index)], loss, cfg, generator, self.hooks, on_epoch=on_epoch)
+        fit_both_towers(tuned, [(images, index, index)], loss, cfg, generator, self.hooks, on_epoch=relabelled.on_epoch)
         weights = class_text_weights(tuned, task.classnames, templates)  # the fine-tuned text tower's zero-shot head
         return tower_adapter(self.classifier, task.classnames, weights, tuned, handle)
 
@@ -120,9 +121,8 @@ class FLYPPL(_Contrastive):
     summary = "FLYP + pseudo-labels: FLYP on zero-shot labels, refreshed by the model being fine-tuned (paper 004)"
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> TowerClassifier:
-        unlabeled = unlabeled_of(task, "flyp_pl")
+        _, c_zs = frozen_pseudo_labels(
+            "flyp_pl", handle, task, pseudo_templates(task, self.config.template), self.hooks
+        )
         assert task.images is not None
-        weights = class_text_weights(handle, task.classnames, pseudo_templates(task, self.config.template))
-        c_zs = (unlabeled.features.float().cpu() @ weights.T).argmax(-1)  # (N,) the frozen model's labels
-        self.hooks.pseudo_labels(0, "all", torch.arange(len(c_zs)), c_zs, "zero-shot")
         return self._train(handle, task, task.images, c_zs, generator, relabel=self.config.labels == "refresh")

@@ -20,10 +20,17 @@ import torch.nn.functional as F
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
-from vlmtune.methods._contrastive import ContrastiveConfig, both_towers, clip_loss, fit_both_towers, tower_adapter
-from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates, unlabeled_of
+from vlmtune.methods._contrastive import (
+    ContrastiveConfig,
+    EpochLabels,
+    both_towers,
+    clip_loss,
+    fit_both_towers,
+    frozen_pseudo_labels,
+    tower_adapter,
+)
+from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._text import class_text_weights
 from vlmtune.methods._tower import TowerClassifier
 from vlmtune.methods.base import Method, Task, register_method
 
@@ -116,12 +123,11 @@ class LatteCLIP(Method):
 
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> LatteCLIPClassifier:
         cfg = self.config
-        unlabeled = unlabeled_of(task, "latteclip")
         templates = pseudo_templates(task, cfg.template)
-        class_weights = class_text_weights(handle, task.classnames, templates)  # (K, D): T^class features
-        c_zs = (unlabeled.features.float().cpu() @ class_weights.T).argmax(-1)  # (N,) the frozen model's labels
+        class_weights, c_zs = frozen_pseudo_labels(
+            "latteclip", handle, task, templates, self.hooks
+        )  # T^class features (K, D)
         n = len(c_zs)
-        self.hooks.pseudo_labels(0, "all", torch.arange(n), c_zs, "zero-shot")
         kinds = cfg.texts.split("+")
         image_texts = group_texts = None
         if ("image" in kinds or "group" in kinds) and task.texts is None:
@@ -142,13 +148,13 @@ class LatteCLIP(Method):
         prototypes = class_weights.clone().to(device)  # (K, D), initialised from T^class
         zs = c_zs.to(device)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (labels, t) of the last step, for the update
-        seen_ft: dict[int, int] = {}  # image -> its latest c_ft (diagnostics)
+        c_ft_log = EpochLabels(self.hooks)
         scale = handle.logit_scale
 
         def loss(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             f = tuned.encode_images(x)  # (B, D) normalised
             c_ft = (f.detach().float() @ F.normalize(prototypes, dim=-1).T).argmax(-1)  # (B,)
-            seen_ft.update(zip(idx.tolist(), c_ft.tolist(), strict=True))
+            c_ft_log.record(idx, c_ft)
             g_class = tuned.encode_tokens(class_tokens) if "class" in kinds else None  # (K, D)
             shared = []
             if image_tokens is not None:
@@ -172,15 +178,8 @@ class LatteCLIP(Method):
                 embeds = torch.cat([t for _, t in pending])
                 momentum_update(prototypes, labels, embeds, cfg.momentum, cfg.normalize_prototypes)
 
-        def on_epoch(epoch: int) -> dict[str, float]:
-            idx = torch.tensor(sorted(seen_ft))
-            self.hooks.pseudo_labels(
-                epoch + 1, "all", idx, torch.tensor([seen_ft[i] for i in idx.tolist()]), "fine-tuned"
-            )
-            return {}
-
         assert task.images is not None
         index = torch.arange(n)  # the target of each view is the image's index (its texts and c_zs)
         fit_both_towers(tuned, [(task.images, index, index)], loss, cfg, generator, self.hooks, after_step=update,
-                        on_epoch=on_epoch)  # fmt: skip
+                        on_epoch=c_ft_log.on_epoch)  # fmt: skip
         return tower_adapter(self.classifier, task.classnames, prototypes, tuned, handle)  # type: ignore[return-value]

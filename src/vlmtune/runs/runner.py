@@ -44,9 +44,9 @@ from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
-from vlmtune.runs.textgen import stage_for, text_cache_for
+from vlmtune.runs.textgen import text_cache_for
 from vlmtune.runs.training_log import TrainingLog
-from vlmtune.textgen import DatasetTexts
+from vlmtune.textgen import DatasetTexts, TextStage
 from vlmtune.textgen.backends import model_name
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,14 @@ def _texts(cfg: RunConfig, source: FeatureSource, split: DatasetSplit) -> Datase
     """The text-generation stage over the training images (labels removed; the backend loads on the first text a
     method asks for that is not in the cache beside the feature cache)."""
     cache = text_cache_for(source.cache)
-    stage = stage_for(cfg.textgen, cfg.textgen_model, cfg.textgen_endpoint, cache, cfg.device, source.progress)
+    stage = TextStage(
+        cfg.textgen,
+        cfg.textgen_model,
+        cache,
+        endpoint=cfg.textgen_endpoint,
+        device=cfg.device,
+        progress=source.progress,
+    )
     return DatasetTexts(stage, split)
 
 

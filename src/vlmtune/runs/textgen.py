@@ -21,9 +21,9 @@ from vlmtune._io import atomic_write
 from vlmtune.backbones import load_backbone
 from vlmtune.data import DatasetSplit, load_dataset
 from vlmtune.errors import UnknownName, VlmtuneError
-from vlmtune.features import FeatureCache, default_cache_dir, extract_features
+from vlmtune.features import FeatureCache, extract_features
 from vlmtune.methods._text import class_text_weights
-from vlmtune.textgen import DatasetTexts, GenSettings, Prompts, TextCache, TextStage
+from vlmtune.textgen import DatasetTexts, Prompts, TextCache, TextStage
 
 TEXTGEN_KINDS = ("image", "group", "class", "templates")
 
@@ -39,10 +39,6 @@ def text_cache_for(cache: FeatureCache | None) -> TextCache:
             _MEMORY.append(TextCache(None))
         return _MEMORY[0]
     return TextCache(cache.root.parent / "textgen")
-
-
-def open_text_cache(cache_dir: str | Path | None, enabled: bool = True) -> TextCache:
-    return TextCache(Path(cache_dir or default_cache_dir()) / "textgen") if enabled else TextCache(None)
 
 
 @torch.no_grad()
@@ -119,25 +115,3 @@ def pregenerate(
     jsonl = root / f"{safe}-{split}-{kind}.jsonl"
     atomic_write(jsonl, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     return PregenSummary(dataset, split, kind, len(rows), stage.generated - before, seconds, jsonl)
-
-
-def stage_for(
-    backend: str,
-    model: str | None,
-    endpoint: str | None,
-    cache: TextCache,
-    device: str = "cpu",
-    progress: bool = True,
-    settings: GenSettings | None = None,
-    options: dict[str, Any] | None = None,
-) -> TextStage:
-    return TextStage(
-        backend,
-        model,
-        cache,
-        settings or GenSettings(),
-        endpoint=endpoint,
-        device=device,
-        options=options or {},
-        progress=progress,
-    )
