@@ -133,6 +133,9 @@ FAST_OPTIONS = {
     "latteclip": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0, "texts": "class"},
     "flyp": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0},
     "flyp_pl": {"batch_size": 64, "iterations": 3, "lr": 1e-5, "workers": 0},
+    "reclip": {"epochs": 1, "workers": 0},
+    "lmm_zeroshot": {},
+    "lafter": {"epochs": 1, "text_steps": 100, "tokens": 4, "workers": 0, "descriptions": None},
 }
 
 

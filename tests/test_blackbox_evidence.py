@@ -5,10 +5,12 @@ least one task, and the ablation ordering PG+PR+Co >= PG only (= BBT). Zero-shot
 template and "a photo of a {}." (the black-box methods prompt the second, as the reference does): on the sketch
 task most of the zero-shot gap is the template (19.8 vs 81.1).
 
-The full-budget version (paper defaults, 8000 queries) is slow-marked; the default suite runs the same table at
-1050 queries with popsize 20 and a 64-dimensional subspace. There BBT has not yet left zero-shot on
-toy:nonce-shapes (20.5 vs 20.0 at 1050 queries: made-up names give the prompt little to start from), so the
-reduced test asserts BBT > zero-shot on toy:toynet-sketch only, and BBT < CraFT on both.
+The full-budget version (paper defaults, 8000 queries) is slow-marked, as is the same table at 1050 queries with
+popsize 20 and a 64-dimensional subspace over seeds 1-3; the default suite runs the 1050-query table for seed 1
+(measured: toynet-sketch zero-shot 81.1 < BBT 84.1 < CraFT 91.4; nonce-shapes BBT 21.4 < CraFT 67.2; seeds 2 and
+3 agree). At 1050 queries BBT has not yet left zero-shot on toy:nonce-shapes (20.5 vs 20.0 over seeds 1-3: made-up
+names give the prompt little to start from), so the reduced test asserts BBT > zero-shot on toy:toynet-sketch only,
+and BBT < CraFT on both.
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ def _acc(toy, dataset: str, method: str, options: dict, seed: int) -> float:
     return run(cfg, progress=False, backbone=toy, splits=_splits(dataset)).accuracy["test"]
 
 
-def _table(toy, scale: dict, rows: tuple[str, ...]) -> dict[tuple[str, str], float]:
+def _table(toy, scale: dict, rows: tuple[str, ...], seeds: tuple[int, ...] = SEEDS) -> dict[tuple[str, str], float]:
     means = {}
     for dataset in TASKS:
         means[dataset, "zeroshot"] = max(_acc(toy, dataset, "zeroshot", o, 1) for o in ({}, PHOTO))
         for row in rows:
             method, options = ROWS[row]
-            means[dataset, row] = statistics.mean(_acc(toy, dataset, method, {**options, **scale}, s) for s in SEEDS)
+            means[dataset, row] = statistics.mean(_acc(toy, dataset, method, {**options, **scale}, s) for s in seeds)
     print(means)
     return means
 
@@ -55,8 +57,9 @@ def test_pg_only_is_bbt(toy):
     assert pg_only == _acc(toy, "toy:nonce-shapes", "bbt", scale, 1)
 
 
-def test_blackbox_ordering_reduced_budget(toy):
-    means = _table(toy, REDUCED, ("bbt", "craft"))
+@pytest.mark.parametrize("seeds", [pytest.param(SEEDS, marks=pytest.mark.slow), (1,)], ids=["seeds1-3", "seed1"])
+def test_blackbox_ordering_reduced_budget(toy, seeds):
+    means = _table(toy, REDUCED, ("bbt", "craft"), seeds)
     sketch, nonce = TASKS
     assert means[sketch, "zeroshot"] < means[sketch, "bbt"] < means[sketch, "craft"]
     assert means[nonce, "bbt"] < means[nonce, "craft"]  # so PG+PR+Co >= PG only on both

@@ -9,6 +9,7 @@ import torch
 from tests.conftest import FAST_OPTIONS, capture_task
 
 from vlmtune.data.templates import DEFAULT_TEMPLATE
+from vlmtune.errors import VlmtuneError
 from vlmtune.methods._prompt import Schedule
 from vlmtune.methods._pseudo import (
     candidate_sets,
@@ -108,6 +109,8 @@ def test_linear_warmup_then_cosine_as_the_reference_schedule():
     assert [round(s.lr_at(e), 4) for e in range(5)] == [0.0, 0.02, 0.04, 0.06, 0.08]
     assert s.lr_at(5) == pytest.approx(0.1) and s.lr_at(9) < 0.01
     assert Schedule(lr=0.002, epochs=10).lr_at(0) == 1e-5  # CoOp / UPL: one constant epoch
+    flat = Schedule(lr=5e-4, epochs=50, warmup_epochs=0, decay="constant")  # LaFTer, ReCLIP
+    assert {flat.lr_at(e) for e in range(50)} == {5e-4}
 
 
 def test_diagnostics_are_measured_by_the_runner_and_written(toy, tmp_path):
@@ -122,13 +125,14 @@ def test_diagnostics_are_measured_by_the_runner_and_written(toy, tmp_path):
     assert (tmp_path / "run" / "pseudo_labels.png").stat().st_size > 0
 
 
-def test_unsupervised_protocol_puts_paper_003_beside_our_numbers(toy, tmp_path):
+def test_unsupervised_protocol_puts_papers_003_and_004_beside_our_numbers(toy, tmp_path):
     from vlmtune.runs.protocols import ProtocolSettings, unsupervised
 
     settings = ProtocolSettings(backbone=toy, options={"upl": FAST_OPTIONS["upl"]}, progress=False)
     result = unsupervised(["zeroshot", "upl"], "toy:shapes-noisy", seeds=(1, 2), settings=settings)
     table = result.markdown()
     assert "paper 003 Table 1" in table and "68.40 (avg of 9)" in table and "64.93 (avg of 9)" in table
+    assert "paper 004 Table 1" in table and "67.49 (avg of 10)" in table  # zero-shot; UPL is not in paper 004
     upl_rows = [r for r in result.rows if r["method"] == "upl"]
     assert len(upl_rows) == 2 and all(0 < r["pseudo_labels"] <= 100 for r in upl_rows)
     assert all(r["pseudo_labels"] is None for r in result.rows if r["method"] == "zeroshot")
@@ -246,3 +250,25 @@ def test_evidence_semi_supervised_accuracy_grows_with_labelled_shots(toy, pool_c
         for k in (0, 4, 16)
     ]
     assert acc[0] <= acc[1] + 2.0 and acc[1] <= acc[2] + 2.0 and acc[0] <= acc[2] + 2.0, acc  # noise: ~2 points
+
+
+def test_data_amount_draws_a_seeded_share_of_the_unlabelled_images(toy):
+    from vlmtune import load_dataset
+    from vlmtune.runs.protocols import ProtocolSettings, data_amount
+    from vlmtune.runs.runner import label_free_splits
+
+    splits = load_dataset("toy:shapes-noisy")
+    full = len(splits["train"])
+    _, fifth = label_free_splits(splits, RunConfig(method="upl", dataset="toy:shapes-noisy", unlabeled_fraction=0.2))
+    _, again = label_free_splits(splits, RunConfig(method="upl", dataset="toy:shapes-noisy", unlabeled_fraction=0.2))
+    _, other = label_free_splits(
+        splits, RunConfig(method="upl", dataset="toy:shapes-noisy", unlabeled_fraction=0.2, seed=2)
+    )
+    assert len(fifth) == round(0.2 * full) and fifth.ids == again.ids and fifth.ids != other.ids
+    assert set(fifth.ids) <= set(splits["train"].ids)
+    with pytest.raises(VlmtuneError, match="label-free methods"):
+        run(RunConfig(method="coop", dataset="toy:shapes", unlabeled_fraction=0.5), progress=False, backbone=toy)
+    settings = ProtocolSettings(backbone=toy, options={"upl": FAST_OPTIONS["upl"]}, progress=False)
+    result = data_amount(["upl"], "toy:shapes-noisy", fractions=(0.2, 1.0), seeds=(1,), settings=settings)
+    assert [r["setting"] for r in result.rows] == ["20%", "100%"]
+    assert "| upl | 20% |" in result.markdown()

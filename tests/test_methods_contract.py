@@ -11,8 +11,9 @@ from vlmtune.metrics import accuracy
 METHODS = [m.name for m in list_methods()]
 # Repeat-fit contract checks slow-marked for the costliest pixel trainers, to keep the default suite under 10 minutes:
 # coft_plus runs coft's pipeline (its rounds and MoCo: test_coft.py); flyp / flyp_pl fine-tune both towers on the same
-# contrastive loop as latteclip, whose repeat checks stay in the default suite and cover that loop.
-SLOW_REPEATS = {"coft_plus", "flyp", "flyp_pl"}
+# contrastive loop as latteclip, whose repeat checks stay in the default suite and cover that loop; reclip, lafter and
+# lmm_zeroshot fit and round-trip here, and their own tests (test_label_free_baselines.py) check their runs.
+SLOW_REPEATS = {"coft_plus", "flyp", "flyp_pl", "reclip", "lafter", "lmm_zeroshot"}
 REPEATS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_REPEATS else m for m in METHODS]
 
 

@@ -77,13 +77,15 @@ def test_coop_beats_zero_shot_by_ten_points_on_sketches(toy):
     assert coop.accuracy["test"] >= zs.accuracy["test"] + 10
 
 
-def test_base_to_new_evidence_on_toynet_sketch(toy):
-    """CoCoOp's claim (new classes >= CoOp's) and TMM's (harmonic mean >= CoCoOp's), seed means of 1-3, 16 shots,
-    the papers' defaults; CoOp with CoCoOp's context ("a photo of a", 4 vectors) as in its base-to-new comparison.
-    Measured margins are small (new 74.0 vs 73.1, H 83.0 vs 82.7 with torch 2.14 CPU): see docs/fidelity.md."""
+@pytest.mark.parametrize("seeds", [pytest.param((1, 2, 3), marks=pytest.mark.slow), (1,)], ids=["seeds1-3", "seed1"])
+def test_base_to_new_evidence_on_toynet_sketch(toy, seeds):
+    """CoCoOp's claim (new classes >= CoOp's) and TMM's (harmonic mean >= CoCoOp's), seed means of 1-3 (slow), 16
+    shots, the papers' defaults; CoOp with CoCoOp's context ("a photo of a", 4 vectors) as in its base-to-new
+    comparison. Measured margins are small (new 74.0 vs 73.1, H 83.0 vs 82.7 with torch 2.14 CPU): see
+    docs/fidelity.md. The default suite checks seed 1 (new 73.4 vs 73.0, H 83.2 vs 82.4)."""
     coop = {"n_ctx": 4, "ctx_init": "a photo of a"}
     settings = ProtocolSettings(backbone=toy, options={"coop": coop}, progress=False, jobs=2)
-    result = base_to_new(["coop", "cocoop", "tmm"], "toy:toynet-sketch", shots=16, seeds=(1, 2, 3), settings=settings)
+    result = base_to_new(["coop", "cocoop", "tmm"], "toy:toynet-sketch", shots=16, seeds=seeds, settings=settings)
 
     def mean(method: str, column: str) -> float:
         return result.mean(method, "toy:toynet-sketch", column)

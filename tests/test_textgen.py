@@ -258,6 +258,13 @@ def test_transformers_backend_generates_decodes_and_caches(tmp_path, shapes_trai
         [GenRequest("describe a red circle"), GenRequest("describe the shape", split.image(0))], stage.settings
     )  # text-only and image requests in one call
     assert len(mixed) == 2 and all(mixed)
+    # likelihoods of given answers: batched (right-padded) scores equal each answer scored alone
+    backend, req = stage.generator, GenRequest("describe the shape", split.image(0))
+    answers = ["a red circle .", "circle", "a circle in a red photo ."]
+    together = backend.score([req], answers)[0]
+    alone = [backend.score([req], [a])[0][0] for a in answers]
+    assert all(v < 0 for v in together)
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
     again = TextStage("transformers", str(folder), cache, GenSettings(max_new_tokens=4), progress=False)
     assert DatasetTexts(again, split).image_descriptions() == out and again._generator is None
     with pytest.raises(VlmtuneError, match="not available offline"):

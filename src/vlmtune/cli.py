@@ -90,6 +90,7 @@ def _fit_config(args: argparse.Namespace) -> Any:
         "textgen": args.textgen,
         "textgen_model": args.textgen_model,
         "textgen_endpoint": args.textgen_endpoint,
+        "unlabeled_fraction": args.unlabeled_fraction,
     }
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}
     merged["skip_corrupt"] = args.skip_corrupt or bool(base.get("skip_corrupt", False))
@@ -260,7 +261,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ids = box.upload(data)
             logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
         else:
-            logits = clf.predict_images(backbone, torch.stack([backbone.preprocess(im) for im in images]))
+            prep = clf.image_encoder(backbone).preprocess  # the encoder's own (an LMM pads to its square)
+            logits = clf.predict_images(backbone, torch.stack([prep(im) for im in images]))
         conf, idx = logits.softmax(-1).topk(k, dim=-1)  # (B, k)
         for f, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
             writer.writerow([str(f), clf.classnames[i[0]], f"{c[0]:.4f}"] + [clf.classnames[j] for j in i[1:]])
@@ -295,7 +297,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 
     sweep = args.kind in protocols.SWEEPS
     shots = args.shots or ([1, 2, 4, 8, 16] if sweep else [16])
-    if args.kind in ("unsupervised", "noisy-labels", "distill") and args.shots:
+    if args.kind in ("unsupervised", "data-amount", "noisy-labels", "distill") and args.shots:
         raise VlmtuneError(f"{args.kind} takes no --shots (semi-supervised: labelled shots + the rest unlabelled)")
     if args.kind == "distill" and not args.student:
         raise VlmtuneError(
@@ -327,6 +329,8 @@ def cmd_protocol(args: argparse.Namespace) -> int:
             result = protocols.semi_supervised(args.methods, args.dataset, shots, args.seeds, settings)
         elif args.kind == "unsupervised":
             result = protocols.unsupervised(args.methods, args.dataset, args.seeds, settings)
+        elif args.kind == "data-amount":
+            result = protocols.data_amount(args.methods, args.dataset, args.fractions, args.seeds, settings)
         elif args.kind == "noisy-labels":
             result = protocols.noisy_labels(args.methods, args.dataset, args.noise, args.seeds, settings)
         elif args.kind == "distill":
@@ -550,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--student", default=None, help="distillation (coft, coft_plus): the backbone fine-tuned; --backbone teaches"
     )
+    p.add_argument(
+        "--unlabeled-fraction",
+        type=float,
+        default=None,
+        help="label-free methods: train on this share of the unlabelled images (a random subset; default 1)",
+    )
     _textgen_args(p, "textgen-")
     p.set_defaults(fn=cmd_fit)
 
@@ -606,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "protocol",
         help="evaluation protocols: few-shot sweep, base-to-new, transfer (cross-dataset / domain generalisation), "
-        "unsupervised, semi-supervised, noisy-labels and distill (label-free methods)",
+        "unsupervised, data-amount, semi-supervised, noisy-labels and distill (label-free methods)",
         description="Run methods under one of the papers' protocols and write JSON, CSV, a Markdown table of "
         "mean ± std over seeds (and, for few-shot, a plot of accuracy vs shots). Each finished job is kept in "
         "<out>/jobs.jsonl; --resume skips those. Examples:\n"
@@ -616,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets toy:toynet-v2 toy:toynet-sketch\n"
         "  vlmtune protocol unsupervised --methods zeroshot upl grip --dataset toy:toynet-noisy-pool "
         "--set upl.n_ctx=8 --set grip.n_ctx=8\n"
+        "  vlmtune protocol data-amount --methods zeroshot latteclip --dataset toy:toynet-sketch-pool "
+        "--fractions 0.01 0.2 1\n"
         "  vlmtune protocol semi-supervised --methods upl grip --dataset toy:shapes-noisy-pool --shots 1 4 16\n"
         "  vlmtune protocol noisy-labels --methods linear_probe coft --dataset toy:toynet-noisy-pool "
         "--noise pairflip-0.4 --set coft.n_ctx=8\n"
@@ -625,7 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "kind",
-        choices=("few-shot", "base-to-new", "transfer", "unsupervised", "semi-supervised", "noisy-labels", "distill"),
+        choices=(
+            "few-shot",
+            "base-to-new",
+            "transfer",
+            "unsupervised",
+            "data-amount",
+            "semi-supervised",
+            "noisy-labels",
+            "distill",
+        ),
     )
     _common(p)
     p.add_argument(
@@ -649,6 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="few-shot / semi-supervised: the sweep (default 1 2 4 8 16); unsupervised: none; others: one (16)",
+    )
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.2, 1.0],
+        help="data-amount: shares of the unlabelled images (paper 004 Fig. 6: 0.01 0.2 1)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option (repeatable)")

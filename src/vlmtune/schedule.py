@@ -33,10 +33,13 @@ class Schedule:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW (open_clip's training: (0.9, 0.98))
     eps: float = 1e-8  # AdamW (open_clip's training: 1e-6)
     decay_matrices_only: bool = False  # weight decay on parameters with >= 2 dimensions only (open_clip)
+    decay: Literal["cosine", "constant"] = "cosine"  # after warm-up: cosine decay, or a constant rate (LaFTer, ReCLIP)
 
     def lr_at(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:
             return self.warmup_lr if self.warmup == "constant" else self.lr * epoch / self.warmup_epochs
+        if self.decay == "constant":
+            return self.lr
         if self.warmup == "constant":
             return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
         done = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)

@@ -42,11 +42,13 @@ class TowerTuning:
         tokens: visual prompt tokens per layer (VPT modes).
         init: prompt init: ``randn`` (N(0, 1) / sqrt(width), Menghini et al.), ``uniform`` (VPT's
             U(-v, v), v = sqrt(6 / (3 p^2 + width)) for patch size p), ``normal`` (N(0, 0.02), MaPLe).
+        layernorm: with a VPT mode, the image tower's LayerNorms train too (LaFTer).
     """
 
     mode: str = "vpt-shallow"
     tokens: int = 16
     init: str = "randn"
+    layernorm: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in TUNING_MODES:
@@ -135,12 +137,27 @@ def tunable_copy(backbone: Backbone, tuning: TowerTuning, generator: torch.Gener
     tower = tuned.image_tower()
     if tuning.prompted:
         _install_prompts(tuned, tuning, generator).requires_grad_(True)
-    elif tuning.mode == "layernorm":
+    if tuning.mode == "layernorm" or (tuning.prompted and tuning.layernorm):
         for m in tower.modules():
             if isinstance(m, nn.LayerNorm):
                 m.requires_grad_(True)
-    else:
+    elif tuning.mode == "full":
         tower.requires_grad_(True)
+    return tuned
+
+
+def text_layernorm_copy(backbone: Backbone) -> Backbone:
+    """A deep copy of ``backbone`` whose text-side LayerNorms train (every LayerNorm outside the image tower: the
+    text transformer's and the final one, ReCLIP-T); every other weight is frozen."""
+    tuned = copy.deepcopy(backbone)
+    tuned.__dict__.pop("_fingerprint", None)
+    tuned.model.requires_grad_(False)
+    image = {id(m) for m in tuned.image_tower().modules()}
+    norms = [m for m in tuned.model.modules() if isinstance(m, nn.LayerNorm) and id(m) not in image]
+    if not norms:
+        raise VlmtuneError(f"{backbone.spec}: the text tower has no LayerNorm to tune")
+    for m in norms:
+        m.requires_grad_(True)
     return tuned
 
 

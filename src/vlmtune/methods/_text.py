@@ -1,8 +1,10 @@
-"""Text-side helpers shared by methods: class weights from prompt templates."""
+"""Text-side helpers shared by methods: class weights from prompt templates or from free sentences per class."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,3 +37,18 @@ def class_description_weights(
         feats = F.normalize(encoder.encode_texts(list(descriptions[name])).float().cpu(), dim=-1)  # (S, D)
         rows.append(feats.mean(0))
     return F.normalize(torch.stack(rows), dim=-1)  # (K, D)
+
+
+def read_descriptions(path: str | Path) -> dict[str, list[str]]:
+    """A JSON file ``{class name: [sentence, ...]}`` (LaFTer's descriptions/*.json layout), checked."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise VlmtuneError(f"descriptions file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise VlmtuneError(f"descriptions file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v) for v in data.values()
+    ):
+        raise VlmtuneError(f"descriptions file {path}: expected {{class name: [non-empty sentences]}}")
+    return data

@@ -121,9 +121,9 @@ class TowerClassifier(Classifier):
 class TowerHead(nn.Module):
     """Logits s * W f(x) / |f(x)| + b of a tower's pooled features (B, D) -> (B, K): ``cosine`` = fixed class
     features (W normalised, b = 0, nothing trains), else a linear head W, b trained with the tower, initialised
-    with the class features and zeros (so it starts at their zero-shot logits)."""
+    with the class features and zeros (so it starts at their zero-shot logits); ``bias=False`` keeps b at 0."""
 
-    def __init__(self, weights: torch.Tensor, scale: float, cosine: bool) -> None:
+    def __init__(self, weights: torch.Tensor, scale: float, cosine: bool, bias: bool = True) -> None:
         super().__init__()
         self.scale, self.cosine = float(scale), cosine
         self.linear = nn.Linear(weights.shape[1], weights.shape[0])
@@ -131,6 +131,7 @@ class TowerHead(nn.Module):
             self.linear.weight.copy_(weights)
             self.linear.bias.zero_()
         self.linear.requires_grad_(not cosine)
+        self.linear.bias.requires_grad_(not cosine and bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         w = F.normalize(self.linear.weight, dim=-1) if self.cosine else self.linear.weight
@@ -156,9 +157,11 @@ class TowerHead(nn.Module):
 class TowerEnsemble(Classifier):
     """M tower adapters of one base whose softmax probabilities are averaged (CoFT's two fine-tuned towers):
     its image encoder is ``StackedTowers`` of the members' tuned copies, whose features (N, M * D) it splits
-    again; ``logits`` are the log of the averaged probabilities (same argmax). Subclasses set ``member_cls``."""
+    again; ``logits`` are the log of the averaged probabilities (same argmax), or with ``average = "logits"`` the
+    mean of the members' logits (ReCLIP). Subclasses set ``member_cls``."""
 
     member_cls: ClassVar[type[TowerClassifier]] = TowerClassifier
+    average: ClassVar[str] = "probabilities"
 
     def __init__(self, classnames: Sequence[str], members: Sequence[TowerClassifier]) -> None:
         super().__init__(classnames)
@@ -167,8 +170,10 @@ class TowerEnsemble(Classifier):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         parts = F.normalize(features.float(), dim=-1).chunk(len(self.members), dim=-1)  # M x (N, D)
-        probs = torch.stack([m.logits(f).softmax(-1) for m, f in zip(self.members, parts, strict=True)])
-        return probs.mean(0).clamp_min(1e-12).log()  # (N, K)
+        logits = torch.stack([m.logits(f) for m, f in zip(self.members, parts, strict=True)])  # (M, N, K)
+        if self.average == "logits":
+            return logits.mean(0)
+        return logits.softmax(-1).mean(0).clamp_min(1e-12).log()  # (N, K)
 
     def image_encoder(self, backbone: Backbone) -> Backbone:
         if self._encoder is None or self._encoder[0] is not backbone:
@@ -226,28 +231,33 @@ def train_tower_round(
     hooks: TrainingHooks,
     *,
     templates: Sequence[str],
-    head: str = "text",
+    head: str | TowerHead = "text",
     augment: str = "none",
     workers: int | None = None,
     weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> TowerClassifier:
     """A fresh tuned tower trained with CE on the pseudo-labelled images ``train`` (+ ``task.train_images``); the
     epoch best on ``val`` (accuracy on its pseudo-labels) kept. ``head="text"``: logits s * cos(f(x), g_c) against
     the fixed class text features of ``templates``; ``"linear"``: a linear head W f(x) / |f(x)| * s + b initialised
-    with those text features (W) and zeros (b), trained with the tower. ``weights`` (K, D) replace the templates'
-    text features (CoFT: its positive prompts')."""
+    with those text features (W) and zeros (b), trained with the tower; or a ready ``TowerHead`` (LaFTer's text
+    classifier). ``weights`` (K, D) replace the templates' text features (CoFT: its positive prompts')."""
     if task.images is None:
         raise VlmtuneError("this method trains on pixels: the runner gives Task.images (run it through the runner)")
-    if head not in ("text", "linear"):
+    if isinstance(head, str) and head not in ("text", "linear"):
         raise VlmtuneError(f"unknown head {head!r} (text or linear)")
     tuned = tunable_copy(base, tuning, generator)
-    if weights is None:
-        weights = class_text_weights(base, task.classnames, templates)  # (K, D)
     device = tuned.device
-    classify = TowerHead(weights, base.logit_scale, cosine=head == "text").to(device)
+    if isinstance(head, TowerHead):
+        classify = head.to(device)
+    else:
+        if weights is None:
+            weights = class_text_weights(base, task.classnames, templates)  # (K, D)
+        classify = TowerHead(weights, base.logit_scale, cosine=head == "text").to(device)
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(classify(tuned.encode_images(x)), y)  # (B, K) vs (B,)
+        logits = classify(tuned.encode_images(x))  # (B, K)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
     data = LabelledViews(pseudo_sources(task, train), make_view(augment, tuned))
     loader = make_loader(data, schedule.batch_size, seed=draw_seed(generator), workers=workers)

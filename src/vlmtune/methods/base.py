@@ -96,7 +96,8 @@ class Task:
         student: distillation (``Method.supports_student``): the backbone the method fine-tunes and returns an
             adapter for, while the ``fit`` handle (the teacher) pseudo-labels; None otherwise.
         texts: the text-generation stage bound to the training images (labels removed): LLM / LMM descriptions
-            and templates, cached (``vlmtune.textgen``); None where the runner has no training split.
+            and templates, cached (``vlmtune.textgen``); bound to no image for methods that fit from class names
+            alone; None outside the runner.
     """
 
     classnames: list[str]
@@ -260,6 +261,9 @@ BUILTIN_METHODS = (
     "coft",
     "latteclip",
     "flyp",
+    "reclip",
+    "lafter",
+    "lmm_zeroshot",
 )
 
 

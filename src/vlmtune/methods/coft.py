@@ -17,8 +17,6 @@ labels of all images, each clean set.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -40,7 +38,7 @@ from vlmtune.methods._label_free import PSEUDO_TEMPLATE_DOC, pseudo_templates, u
 from vlmtune.methods._options import method_config, option
 from vlmtune.methods._prompt import TOKEN_SCALE_DOC
 from vlmtune.methods._pseudo import PseudoLabels, top_k_per_class
-from vlmtune.methods._text import class_description_weights, class_text_weights
+from vlmtune.methods._text import class_description_weights, class_text_weights, read_descriptions
 from vlmtune.methods._tower import TowerClassifier, TowerEnsemble, TowerHead
 from vlmtune.methods.base import Method, Task, register_method
 from vlmtune.schedule import Schedule
@@ -294,18 +292,3 @@ class CoFTPlus(CoFT):
         return MoCoSettings(
             cfg.moco_momentum, cfg.moco_temperature, cfg.moco_weight, cfg.moco_queue, cfg.moco_dim, cfg.moco_augment
         )
-
-
-def read_descriptions(path: str | Path) -> dict[str, list[str]]:
-    """A JSON file ``{class name: [sentence, ...]}`` (LaFTer's descriptions/*.json layout), checked."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except FileNotFoundError:
-        raise VlmtuneError(f"descriptions file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise VlmtuneError(f"descriptions file {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v) for v in data.values()
-    ):
-        raise VlmtuneError(f"descriptions file {path}: expected {{class name: [non-empty sentences]}}")
-    return data

@@ -6,6 +6,7 @@
   source's shifted variants with the same classes (domain generalisation, Table 4);
 - ``unsupervised``: label-free methods on the train split without its labels -> test accuracy, with the
   runner-measured accuracy of the final pseudo-labels, beside paper 003's Table 1;
+- ``data_amount``: the same on 1%, 20% and 100% of the unlabelled images (paper 004 Fig. 6);
 - ``semi_supervised``: k labelled shots per class plus the rest of the train split unlabelled (paper 003 Fig. 2);
 - ``noisy_labels``: the train split with noisy labels: label-free methods ignore them, supervised ones train on
   them (paper 003 Table 2);
@@ -43,7 +44,7 @@ from vlmtune.data.noisy import NOISY_SEP, noise_rate
 from vlmtune.features.cache import FeatureCache
 from vlmtune.methods.base import get_method, make_config
 from vlmtune.metrics import harmonic_mean
-from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_table3
+from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_table3, paper_004
 from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
 from vlmtune.runs.runner import FeatureSource, RunConfig, run, score_split
@@ -59,8 +60,8 @@ class ProtocolResult:
     protocol: str
     columns: list[str]  # metric names, in table order
     rows: list[dict[str, Any]] = field(default_factory=list)
-    reference_title: str = ""  # title of a last column with the papers' numbers (empty: none)
-    reference: dict[str, str] = field(default_factory=dict)  # method (or "method|setting") -> its paper number
+    # the papers' numbers in last columns: column title -> {method (or "method|setting"): number}
+    references: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add(self, method: str, setting: str, seed: int, metrics: dict[str, float | None]) -> None:
         self.rows.append({"method": method, "setting": setting, "seed": seed, **metrics})
@@ -80,13 +81,13 @@ class ProtocolResult:
 
     def markdown(self) -> str:
         """Mean ± std over seeds; a shot sweep as one row per method and one column per shot count; the
-        papers' numbers in a last column where ``reference`` has them."""
+        papers' numbers in last columns where ``references`` has them."""
         if self.protocol not in SWEEPS:
-            rows = self.summary()
-            if not self.reference_title:
-                return markdown_table(["method", "setting", *self.columns], rows)
-            rows = [[*r, self.reference.get(f"{r[0]}|{r[1]}", self.reference.get(r[0], ""))] for r in rows]
-            return markdown_table(["method", "setting", *self.columns, self.reference_title], rows)
+            rows = [
+                [*r, *(ref.get(f"{r[0]}|{r[1]}", ref.get(r[0], "")) for ref in self.references.values())]
+                for r in self.summary()
+            ]
+            return markdown_table(["method", "setting", *self.columns, *self.references], rows)
         cells = {(m, s): c for m, s, c in self.summary()}
         shots = sorted({int(s) for _, s in cells}, key=int)
         methods = list(dict.fromkeys(m for m, _ in cells))
@@ -176,6 +177,7 @@ class _Job:
     targets: tuple[tuple[str, str, str], ...] = ()
     backbone: str | None = None  # another backbone than the protocol's (distillation: the student alone)
     student: str | None = None  # distillation: the backbone Phase II fine-tunes
+    fraction: float = 1.0  # label-free: the share of the unlabelled images (data-amount study)
 
     @property
     def label(self) -> str:
@@ -212,6 +214,7 @@ class _Context:
             device=str(self.backbone.device),
             data_root=self.settings.data_root,
             skip_corrupt=self.settings.skip_corrupt,
+            unlabeled_fraction=job.fraction,
         )
         res = run(cfg, cache=self.cache, progress=False, backbone=backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}
@@ -399,17 +402,40 @@ def unsupervised(
     settings: ProtocolSettings | None = None,
 ) -> ProtocolResult:
     """Label-free methods on the train split without labels -> test accuracy, and the accuracy of the pseudo-labels
-    each trained on last (measured by the runner); paper 003's Table 1 beside (paper 004's Table 1 joins later)."""
+    each trained on last (measured by the runner); paper 003's and paper 004's Table 1 beside."""
     jobs = [_Job(m, dataset, 0, s) for m in methods for s in seeds]
     for job in jobs:
         if get_method(job.name).needs_labels:
             raise ValueError(
                 f"{job.method} needs labels: the unsupervised protocol runs label-free methods (and zeroshot)"
             )
-    result = ProtocolResult("unsupervised", ["test", "pseudo_labels"], reference_title="paper 003 Table 1 (ViT-B/16)")
+    p3, p4 = "paper 003 Table 1 (ViT-B/16)", "paper 004 Table 1 (ViT-B/32, LAION-2B)"
+    result = ProtocolResult("unsupervised", ["test", "pseudo_labels"], references={p3: {}, p4: {}})
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"unsupervised {dataset}"):
         result.add(job.label, dataset, job.seed, metrics)
-        result.reference[job.label] = paper_003(job.name, dataset)
+        result.references[p3][job.label] = paper_003(job.name, dataset)
+        result.references[p4][job.label] = paper_004(job.name, dataset)
+    return result
+
+
+def data_amount(
+    methods: Sequence[str],
+    dataset: str,
+    fractions: Sequence[float] = (0.01, 0.2, 1.0),
+    seeds: Sequence[int] = (1, 2, 3),
+    settings: ProtocolSettings | None = None,
+) -> ProtocolResult:
+    """Paper 004 Fig. 6: label-free methods on a random share of the unlabelled train split (drawn with each seed)
+    -> test accuracy and pseudo-label accuracy per method x share (setting "1%", "20%", "100%")."""
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
+    jobs = [_Job(m, dataset, 0, s, fraction=f) for m in methods for f in fractions for s in seeds]
+    for job in jobs:
+        if get_method(job.name).needs_labels:
+            raise ValueError(f"{job.method} needs labels: the data-amount study runs label-free methods (and zeroshot)")
+    result = ProtocolResult("data-amount", ["test", "pseudo_labels"])
+    for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"data-amount {dataset}"):
+        result.add(job.label, f"{100 * job.fraction:g}%", job.seed, metrics)
     return result
 
 
@@ -441,12 +467,13 @@ def noisy_labels(
     clean = load_dataset(dataset, settings.data_root, settings.skip_corrupt)["train"]
     rate = noise_rate(clean, load_dataset(noisy, settings.data_root, settings.skip_corrupt)["train"])
     jobs = [_Job(m, noisy, 0, s) for m in methods for s in seeds]  # shots 0: the whole (noisy) train split
-    result = ProtocolResult("noisy-labels", ["test"], reference_title="paper 003 Table 2 (CIFAR-100N, ViT-B/16)")
+    title = "paper 003 Table 2 (CIFAR-100N, ViT-B/16)"
+    result = ProtocolResult("noisy-labels", ["test"], references={title: {}})
     for job, metrics in _execute_all(jobs, settings, f"noisy-labels {dataset}"):
         ignores = not get_method(job.name).needs_labels
         setting = f"{noise} ({rate:.1f}% wrong), " + ("labels ignored" if ignores else "trained on them")
         result.add(job.label, setting, job.seed, {"test": metrics["test"]})
-        result.reference[job.label] = paper_003_table2(job.name)
+        result.references[title][job.label] = paper_003_table2(job.name)
     return result
 
 
@@ -468,10 +495,11 @@ def distill(
         jobs += [_Job(m, dataset, 0, s, student=student) for s in seeds if distils]
         jobs += [_Job(m, dataset, 0, s, backbone=student) for s in seeds]
         jobs += [_Job(m, dataset, 0, s) for s in seeds]
-    result = ProtocolResult("distill", ["test"], reference_title="paper 003 Table 3 (L/14 -> B/16)")
+    title = "paper 003 Table 3 (L/14 -> B/16)"
+    result = ProtocolResult("distill", ["test"], references={title: {}})
     for job, metrics in _execute_all(jobs, settings, f"distill {teacher} -> {student}"):
         setting = f"{teacher} -> {student}" if job.student else (job.backbone or teacher) + " alone"
         result.add(job.label, setting, job.seed, {"test": metrics["test"]})
         if job.student or (job.name == "zeroshot" and job.backbone == student):  # Table 3's CLIP = B/16 zero-shot
-            result.reference[f"{job.label}|{setting}"] = paper_003_table3(job.name, dataset)
+            result.references[title][f"{job.label}|{setting}"] = paper_003_table3(job.name, dataset)
     return result

@@ -84,6 +84,8 @@ class RunConfig:
             ``transformers``; ``vlmtune.textgen``); texts come from the cache when they are there.
         textgen_model: its model (None = the backend's default: the bundled toy describer for ``toy``).
         textgen_endpoint: the ``openai`` backend's URL (None = ``$VLMTUNE_TEXTGEN_ENDPOINT`` or localhost:8000).
+        unlabeled_fraction: label-free methods: the share of the unlabelled images they get, a random subset drawn
+            with ``seed`` (paper 004's data-amount study, Fig. 6: 1%, 20%, 100%).
     """
 
     method: str = "linear_probe"
@@ -104,6 +106,7 @@ class RunConfig:
     textgen: str = "toy"
     textgen_model: str | None = None
     textgen_endpoint: str | None = None
+    unlabeled_fraction: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,13 +217,24 @@ def label_free_splits(splits: dict[str, DatasetSplit], cfg: RunConfig) -> tuple[
     cfg = with_shots(cfg)
     split = _train_of(splits, cfg)
     if not cfg.shots:
-        return None, split
+        return None, _fraction_of(split, cfg)
     if not split.labelled:
         raise VlmtuneError(f"--shots {cfg.shots} takes labelled train images; those of {split.dataset} are unlabelled")
     picked = few_shot_indices(split.labels, cfg.shots, cfg.seed)
     rest = np.setdiff1d(np.arange(len(split)), picked)
     labelled = split.subset(picked, split=f"{split.split}@{cfg.shots}shot-seed{cfg.seed}")
-    return labelled, split.subset(rest, split=f"{split.split}@unlabelled-{cfg.shots}shot-seed{cfg.seed}")
+    return labelled, _fraction_of(
+        split.subset(rest, split=f"{split.split}@unlabelled-{cfg.shots}shot-seed{cfg.seed}"), cfg
+    )
+
+
+def _fraction_of(split: DatasetSplit, cfg: RunConfig) -> DatasetSplit:
+    """A random ``cfg.unlabeled_fraction`` of ``split`` (at least one image), drawn with ``cfg.seed``, labels unseen."""
+    if cfg.unlabeled_fraction >= 1:
+        return split
+    n = max(1, round(len(split) * cfg.unlabeled_fraction))
+    picked = np.sort(np.random.default_rng(cfg.seed).choice(len(split), n, replace=False))
+    return split.subset(picked, split=f"{split.split}@{cfg.unlabeled_fraction:g}-seed{cfg.seed}")
 
 
 def make_task(
@@ -234,9 +248,10 @@ def make_task(
     assert cfg.shots is not None
     if method is None:
         method = get_method(cfg.method)(make_config(get_method(cfg.method), cfg.options))
-    if not method.needs_train:
+    if not method.needs_train:  # class names alone; the text stage without images (LMM zero-shot: per test image)
         names = base_new_split(splits.get("train", splits["test"]), cfg.subsample)
-        return Task(classnames=names.classnames, templates=names.templates), None
+        texts = _texts(cfg, source, names.subset([], split="no-images"))
+        return Task(classnames=names.classnames, templates=names.templates, texts=texts), None
     val_shots = min(cfg.shots, 4) if cfg.val_shots is None else cfg.val_shots
     val = None
     if "val" in splits and val_shots != 0 and splits["val"] is not splits.get("test"):
@@ -349,6 +364,10 @@ def run(
     assert cfg.shots is not None
     if cfg.shots < 0:
         raise VlmtuneError(f"--shots must be >= 0 (0 = the whole train split), got {cfg.shots}")
+    if not 0 < cfg.unlabeled_fraction <= 1:
+        raise VlmtuneError(f"--unlabeled-fraction must be in (0, 1], got {cfg.unlabeled_fraction}")
+    if cfg.unlabeled_fraction < 1 and method_cls.needs_labels:
+        raise VlmtuneError(f"--unlabeled-fraction is for label-free methods; {cfg.method} trains on labels")
     model_name(cfg.textgen, cfg.textgen_model)  # a bad text-generation backend fails before anything loads
     if cfg.service and method_cls.capability is not Capability.BLACK_BOX:
         raise VlmtuneError(f"--service trains black-box methods only; {cfg.method} needs the model itself")

@@ -53,6 +53,18 @@ class TextGenerator(Protocol):
         ...
 
 
+@runtime_checkable
+class LikelihoodScorer(Protocol):
+    """What a backend that can score given answers adds (the toy describer, transformers models): LMM zero-shot
+    ranks the class names by it when the backend cannot follow an instruction (``follows_instructions``)."""
+
+    follows_instructions: bool
+
+    def score(self, requests: Sequence[GenRequest], continuations: Sequence[str]) -> list[list[float]]:
+        """Log-likelihood of each continuation as the answer to each request -> (len(requests), len(continuations))."""
+        ...
+
+
 def clean_text(text: str) -> str:
     """A generation as LatteCLIP stores it: stripped, newlines replaced by spaces."""
     return " ".join(text.replace("\n", " ").split())

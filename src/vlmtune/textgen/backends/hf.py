@@ -22,9 +22,11 @@ def _messages(request: GenRequest) -> list[dict[str, Any]]:
 
 
 class TransformersBackend:
-    """A Hugging Face model (hub id in the local cache, or a folder) as a ``TextGenerator``."""
+    """A Hugging Face model (hub id in the local cache, or a folder) as a ``TextGenerator`` and a
+    ``LikelihoodScorer``."""
 
     name = "transformers"
+    follows_instructions = True
 
     def __init__(
         self, model: str, device: str = "cpu", batch_size: int = 8, quantize: str | None = None, dtype: str = "auto"
@@ -97,4 +99,33 @@ class TransformersBackend:
                 chunk = idx[start : start + self.batch_size]
                 for i, text in zip(chunk, self._batch([requests[i] for i in chunk], settings), strict=True):
                     out[i] = text
+        return out
+
+    def _encode(self, texts: list[str], image: Any) -> dict[str, torch.Tensor]:
+        if image is not None:
+            return self.processor(text=texts, images=[image] * len(texts), return_tensors="pt", padding=True)
+        return self.tokenizer(texts, return_tensors="pt", padding=True)
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[GenRequest], continuations: Sequence[str]) -> list[list[float]]:
+        """Sum of the log-probabilities of each continuation's tokens after the request's chat prompt -> (R, C)
+        (right-padded batches of continuations, the image repeated)."""
+        out = []
+        self.tokenizer.padding_side = "right"  # positions from 0 in every row: a plain forward pass
+        try:
+            for req in requests:
+                prompt = self.processor.apply_chat_template(_messages(req), add_generation_prompt=True)
+                start = int(self._encode([prompt], req.image)["attention_mask"].sum())  # prompt tokens
+                row: list[float] = []
+                for first in range(0, len(continuations), self.batch_size):
+                    chunk = [prompt + c for c in continuations[first : first + self.batch_size]]
+                    inputs = {k: v.to(self.net.device) for k, v in self._encode(chunk, req.image).items()}
+                    logp = self.net(**inputs).logits.float().log_softmax(-1)  # (B, T, V)
+                    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                    picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): token t+1
+                    keep = mask[:, 1:].bool() & (torch.arange(ids.shape[1] - 1, device=ids.device) >= start - 1)
+                    row += (picked * keep).sum(1).tolist()
+                out.append(row)
+        finally:
+            self.tokenizer.padding_side = "left"
         return out

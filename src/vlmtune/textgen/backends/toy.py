@@ -66,9 +66,11 @@ def condition_words(request: GenRequest, mode: str) -> list[str]:
 
 
 class ToyBackend:
-    """The toy describer as a ``TextGenerator``."""
+    """The toy describer as a ``TextGenerator`` and a ``LikelihoodScorer`` (it describes; it follows no
+    instruction)."""
 
     name = "toy"
+    follows_instructions = False
 
     def __init__(self, model: str | None = None, device: str = "cpu") -> None:
         folder = Path(model).expanduser() if model else bundled_describer_dir()
@@ -125,4 +127,37 @@ class ToyBackend:
                 )
                 for i, text in zip(chunk, texts, strict=True):
                     out[i] = clean_text(text)
+        return out
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[GenRequest], continuations: Sequence[str]) -> list[list[float]]:
+        """Sum of the log-probabilities of each continuation's tokens and its end token, read in the request's mode
+        (an image request: image mode) -> (R, C); requests of one mode are scored together, in chunks."""
+        ids = [self.tokenizer.encode(c)[: self.net.cfg.context_length - 2] for c in continuations]
+        c, length = len(ids), 2 + max(len(i) for i in ids)
+        text = torch.full((c, length), self.tokenizer.pad_id, dtype=torch.long)
+        for row, i in enumerate(ids):
+            text[row, : len(i) + 2] = torch.tensor([self.tokenizer.sot_id, *i, self.tokenizer.eot_id])
+        text = text.to(self.device)
+        target, mask = text[:, 1:], text[:, 1:] != self.tokenizer.pad_id  # (C, L-1)
+        out: list[list[float]] = [[] for _ in requests]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            groups[request_mode(req)].append(i)
+        per_chunk = max(1, BATCH * 8 // c)  # requests per forward pass (each with C continuations)
+        for mode, idx in groups.items():
+            for start in range(0, len(idx), per_chunk):
+                chunk = idx[start : start + per_chunk]
+                pre = [prefix_ids(self.tokenizer, mode, condition_words(requests[i], mode), self.net.cfg.cond_length)
+                       for i in chunk]  # fmt: skip
+                prefix = torch.tensor(pre, device=self.device).repeat_interleave(c, 0)  # (R C, P)
+                image = None
+                if mode in ("image", "group"):
+                    tiles = self._tiles([requests[i].image for i in chunk], 2 if mode == "group" else 1)  # type: ignore[misc]
+                    image = self.net.encode_image(tiles).repeat_interleave(c, 0)  # (R C, N, W)
+                logits = self.net(image, prefix, text[:, :-1].repeat(len(chunk), 1)).float()  # (R C, L-1, V)
+                picked = logits.log_softmax(-1).gather(-1, target.repeat(len(chunk), 1)[..., None])[..., 0]
+                sums = (picked * mask.repeat(len(chunk), 1)).sum(1).view(len(chunk), c)  # (R, C)
+                for i, row in zip(chunk, sums.tolist(), strict=True):
+                    out[i] = row
         return out
