@@ -235,6 +235,7 @@ def test_evidence_upl_beats_both_zero_shots_and_grip_matches_upl_on_sketched_toy
     assert grip >= sum(upl) / 3, (grip, upl)
 
 
+@pytest.mark.slow  # the protocol itself runs in the default suite (test_semi_supervised_protocol_sweeps_...)
 def test_evidence_semi_supervised_accuracy_grows_with_labelled_shots(toy, pool_cache):
     """UPL on toy:shapes-pixel-pool with 0, 4 and 16 labelled shots per class (+ the rest unlabelled), seed 1.
 
