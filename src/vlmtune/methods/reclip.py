@@ -112,7 +112,7 @@ class ReCLIP(Method):
         scale = handle.logit_scale
 
         def relabel(epoch: int) -> None:
-            """Both models' pseudo-labels for the next epoch (and V's centroids)."""
+            """Both models' pseudo-labels for epoch ``epoch`` (and V's centroids); after the last, the final ones."""
             v_feats = F.normalize(encode_all(v_model, plain, workers=cfg.workers).float().cpu(), dim=-1)  # (N, D)
             t = propagate(state["t_nodes"], frozen, state["t_proj"], cfg.neighbors, cfg.alpha, cfg.cg_iterations)
             v = propagate(w0, v_feats, v_proj, cfg.neighbors, cfg.alpha, cfg.cg_iterations)
@@ -157,6 +157,7 @@ class ReCLIP(Method):
         train_pixels(module, loader, schedule, step=self.hooks.step, on_epoch=on_epoch, device=device,
                      seed=draw_seed(generator))  # fmt: skip
 
+        relabel(epochs)  # V's centroids from its final tower (the reference keeps those of the last epoch's start)
         g_t = class_text_weights(t_model, task.classnames, templates[:1])  # ReCLIP-T's classifier (K, D)
         frozen_copy = tunable_copy(handle, LAYERNORM)  # untouched: an empty state delta, the frozen tower
         members = [
