@@ -218,6 +218,7 @@ def test_evidence_upl_beats_zero_shot_and_grip_matches_upl_on_noisy_toynet(toy, 
     assert selected["accuracy"] > first_all["accuracy"] + 10, upl.pseudo_labels
 
 
+@pytest.mark.slow  # the noisy-toynet evidence above stays in the default suite
 def test_evidence_upl_beats_both_zero_shots_and_grip_matches_upl_on_sketched_toynet(toy, pool_cache):
     """toy:toynet-sketch-pool, pseudo-labelling with "a photo of a {}." (the dataset's dialect template gives
     near-chance pseudo-labels there): UPL's learned prompt (seeds 1-3) beats zero-shot under either template, and
