@@ -127,13 +127,20 @@ def _install_prompts(tuned: Backbone, tuning: TowerTuning, generator: torch.Gene
     return prompts
 
 
+def _frozen_copy(backbone: Backbone) -> Backbone:
+    """A deep copy of ``backbone`` with every weight frozen, its cached fingerprint dropped (its weights will change:
+    never reuse the base's hash)."""
+    tuned = copy.deepcopy(backbone)
+    tuned.__dict__.pop("_fingerprint", None)
+    tuned.model.requires_grad_(False)
+    return tuned
+
+
 def tunable_copy(backbone: Backbone, tuning: TowerTuning, generator: torch.Generator | None = None) -> Backbone:
     """A deep copy of ``backbone`` whose image tower trains as ``tuning`` says; every other weight is frozen."""
     if backbone.visual_prompt_tokens:
         raise VlmtuneError(f"{backbone.spec}: already a tuned copy; tune the base backbone instead")
-    tuned = copy.deepcopy(backbone)
-    tuned.__dict__.pop("_fingerprint", None)  # its weights will change: never reuse the base's cached hash
-    tuned.model.requires_grad_(False)
+    tuned = _frozen_copy(backbone)
     tower = tuned.image_tower()
     if tuning.prompted:
         _install_prompts(tuned, tuning, generator).requires_grad_(True)
@@ -149,9 +156,7 @@ def tunable_copy(backbone: Backbone, tuning: TowerTuning, generator: torch.Gener
 def text_layernorm_copy(backbone: Backbone) -> Backbone:
     """A deep copy of ``backbone`` whose text-side LayerNorms train (every LayerNorm outside the image tower: the
     text transformer's and the final one, ReCLIP-T); every other weight is frozen."""
-    tuned = copy.deepcopy(backbone)
-    tuned.__dict__.pop("_fingerprint", None)
-    tuned.model.requires_grad_(False)
+    tuned = _frozen_copy(backbone)
     image = {id(m) for m in tuned.image_tower().modules()}
     norms = [m for m in tuned.model.modules() if isinstance(m, nn.LayerNorm) and id(m) not in image]
     if not norms:

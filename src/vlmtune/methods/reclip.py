@@ -103,12 +103,11 @@ class ReCLIP(Method):
         v_model = tunable_copy(handle, LAYERNORM, generator)
         t_model = text_layernorm_copy(handle)
         device = v_model.device
-        t_model.model.to(device)
         short = t_model.tokenize([templates[0].format(c) for c in task.classnames]).to(device)  # (K, L)
         assert task.images is not None
         plain = ViewDataset(task.images, [make_view("none", v_model)])
-        state: dict[str, torch.Tensor] = {"t_nodes": w0, "t_proj": projection(w0, cut)}
-        v_proj = projection(w0, cut)
+        v_proj = projection(w0, cut)  # V's projection and class nodes stay at the frozen model's
+        state: dict[str, torch.Tensor] = {"t_nodes": w0, "t_proj": v_proj}  # T's are replaced after every epoch
         scale = handle.logit_scale
 
         def relabel(epoch: int) -> None:

@@ -395,6 +395,14 @@ def transfer(
     return result
 
 
+def _label_free_jobs(jobs: list[_Job], protocol: str) -> list[_Job]:
+    """``jobs``, once every method is checked to train without labels (zeroshot passes: it trains on nothing)."""
+    for job in jobs:
+        if get_method(job.name).needs_labels:
+            raise ValueError(f"{job.method} needs labels: {protocol} runs label-free methods (and zeroshot)")
+    return jobs
+
+
 def unsupervised(
     methods: Sequence[str],
     dataset: str,
@@ -403,12 +411,7 @@ def unsupervised(
 ) -> ProtocolResult:
     """Label-free methods on the train split without labels -> test accuracy, and the accuracy of the pseudo-labels
     each trained on last (measured by the runner); paper 003's and paper 004's Table 1 beside."""
-    jobs = [_Job(m, dataset, 0, s) for m in methods for s in seeds]
-    for job in jobs:
-        if get_method(job.name).needs_labels:
-            raise ValueError(
-                f"{job.method} needs labels: the unsupervised protocol runs label-free methods (and zeroshot)"
-            )
+    jobs = _label_free_jobs([_Job(m, dataset, 0, s) for m in methods for s in seeds], "the unsupervised protocol")
     p3, p4 = "paper 003 Table 1 (ViT-B/16)", "paper 004 Table 1 (ViT-B/32, LAION-2B)"
     result = ProtocolResult("unsupervised", ["test", "pseudo_labels"], references={p3: {}, p4: {}})
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"unsupervised {dataset}"):
@@ -430,9 +433,7 @@ def data_amount(
     if any(not 0 < f <= 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
     jobs = [_Job(m, dataset, 0, s, fraction=f) for m in methods for f in fractions for s in seeds]
-    for job in jobs:
-        if get_method(job.name).needs_labels:
-            raise ValueError(f"{job.method} needs labels: the data-amount study runs label-free methods (and zeroshot)")
+    jobs = _label_free_jobs(jobs, "the data-amount study")
     result = ProtocolResult("data-amount", ["test", "pseudo_labels"])
     for job, metrics in _execute_all(jobs, settings or ProtocolSettings(), f"data-amount {dataset}"):
         result.add(job.label, f"{100 * job.fraction:g}%", job.seed, metrics)
