@@ -1,4 +1,4 @@
-"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, serve, textgen, textgen-serve, list.
+"""The ``vlmtune`` command line: tour, fit, eval, predict, protocol, reproduce, serve, textgen, textgen-serve, list.
 
 Ordinary mistakes end in one line on stderr and exit code 2 (``-v`` adds the traceback); Ctrl-C prints one
 line and exits 130.
@@ -718,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8766)
     p.set_defaults(fn=cmd_textgen_serve)
+
+    from vlmtune.reproduce.cli import add_parser as add_reproduce
+
+    add_reproduce(command, _textgen_args)
 
     p = command("list", help="list methods (and their options), datasets, backbones and text-generation backends")
     p.add_argument("what", nargs="?", choices=("all", "methods", "datasets", "backbones", "textgen"), default="all")

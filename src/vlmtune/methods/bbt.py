@@ -37,7 +37,9 @@ class BBT(BlackBoxMethod):
     config_cls = BBTConfig
     classifier = BBTClassifier
     presets: ClassVar[dict[str, dict[str, Any]]] = {  # CraFT's, minus the head options (CARROT is CraFT's head)
-        name: filter_preset(p, BBTConfig) for name, p in CRAFT_PRESETS.items() if name != "carrot"
+        **{name: filter_preset(p, BBTConfig) for name, p in CRAFT_PRESETS.items() if name != "carrot"},
+        # paper 001 Table 9's "Yu et al. 2023": BBT over text and visual prompts (5 tokens, a 100-d visual subspace)
+        "yu2023": {"visual_prompt": True},
     }
     summary = "BBT: CMA-ES over a random subspace of the prompt context (black box)"
 

@@ -34,7 +34,7 @@ from vlmtune.methods._options import method_config, option
 from vlmtune.methods._tower import TowerClassifier
 from vlmtune.methods.base import Method, Task, register_method
 
-Texts = Literal["class", "class+image", "class+group", "class+image+group", "image+group"]
+Texts = Literal["class", "class+image", "class+group", "class+image+group", "image+group", "image", "group"]
 
 
 @method_config
@@ -48,7 +48,12 @@ class LatteCLIPConfig(ContrastiveConfig):
     mixer: bool = option(True, "Dynamic Feature Mixer (Eq. 1); false = equal text weights (Table 3)")
     use_zs: bool = option(True, "L_zs: the zero-shot pseudo-label's loss (Table 3)")
     use_ft: bool = option(True, "L_ft: the fine-tuned model's pseudo-label's loss (Table 3)")
-    momentum_update: bool = option(True, "update the prototypes (false: fixed at T^class, Table 3)")
+    momentum_update: bool = option(True, "update the prototypes (false: fixed at T^class)")
+    update_from: Literal["prototype-text", "texts"] = option(
+        "prototype-text",
+        "what the update moves p_c towards: the prototype-text embeddings t of Eq. (2), or the weighted text "
+        "features alone (Table 3's 'w/o momentum update': mu = 0 replaces p_c by them)",
+    )
     normalize_prototypes: bool = option(False, "renormalise prototypes after each update (the reference code)")
     group_size: int = option(4, "images per group description (paper: 4, 2x2 collage)", ge=1)
 
@@ -61,11 +66,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "class-only": {"texts": "class"},
     "class+image": {"texts": "class+image"},
     "class+group": {"texts": "class+group"},
+    "image+group": {"texts": "image+group"},  # Table 2's rows without T^class (the generated texts alone)
+    "image-only": {"texts": "image"},
+    "group-only": {"texts": "group"},
     "no-mixer": {"mixer": False},
     "no-zs": {"use_zs": False},
     "no-ft": {"use_ft": False},
-    "no-momentum": {"momentum_update": False},
-    "reference": {"template": "dataset", "normalize_prototypes": True},
+    "no-momentum": {"momentum": 0.0, "update_from": "texts"},  # Table 3: p_c <- the new weighted text features
+    "fixed-prototypes": {"momentum_update": False},  # ours: p_c stays at T^class
+    # the code: p_c <- normalize(batch mean of t), i.e. mu = 0 on t (alpha is the only momentum), renormalised
+    "reference": {"template": "dataset", "momentum": 0.0, "normalize_prototypes": True},
 }
 
 
@@ -76,18 +86,23 @@ def mixer_weights(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor
     return top[:, 0] - top[:, 1]
 
 
-def prototype_text(
-    parts: list[torch.Tensor], prototypes: torch.Tensor, labels: torch.Tensor, alpha: float, mixer: bool
-) -> torch.Tensor:
-    """Eq. (2): t = (1 - alpha) sum_i w_i g(T_i) / sum_i w_i + alpha p_c for text features ``parts`` (each (B, D))
-    and pseudo-labels ``labels`` (B,); w from Eq. (1) (detached) or 1 without the mixer."""
+def mixed_text(parts: list[torch.Tensor], prototypes: torch.Tensor, mixer: bool) -> torch.Tensor:
+    """The weighted text features of Eq. (2), sum_i w_i g(T_i) / sum_i w_i, for ``parts`` (each (B, D)); w from
+    Eq. (1) (detached) or 1 without the mixer -> (B, D)."""
     protos = prototypes.detach()
     if mixer:
         w = torch.stack([mixer_weights(p.detach(), protos) for p in parts], 1) + 1e-6  # (B, I)
     else:
-        w = torch.ones(len(labels), len(parts), device=protos.device)
-    mix = (w[:, :, None] * torch.stack(parts, 1)).sum(1) / w.sum(1, keepdim=True)  # (B, D)
-    return (1 - alpha) * mix + alpha * protos[labels]
+        w = torch.ones(len(parts[0]), len(parts), device=protos.device)
+    return (w[:, :, None] * torch.stack(parts, 1)).sum(1) / w.sum(1, keepdim=True)  # (B, D)
+
+
+def prototype_text(
+    parts: list[torch.Tensor], prototypes: torch.Tensor, labels: torch.Tensor, alpha: float, mixer: bool
+) -> torch.Tensor:
+    """Eq. (2): t = (1 - alpha) sum_i w_i g(T_i) / sum_i w_i + alpha p_c for text features ``parts`` (each (B, D))
+    and pseudo-labels ``labels`` (B,)."""
+    return (1 - alpha) * mixed_text(parts, prototypes, mixer) + alpha * prototypes.detach()[labels]
 
 
 @torch.no_grad()
@@ -167,9 +182,10 @@ class LatteCLIP(Method):
                 if not use:
                     continue
                 parts = ([g_class[labels]] if g_class is not None else []) + shared
-                t = prototype_text(parts, prototypes, labels, cfg.alpha, cfg.mixer)  # (B, D), Eq. (2)
+                mix = mixed_text(parts, prototypes, cfg.mixer)  # (B, D)
+                t = (1 - cfg.alpha) * mix + cfg.alpha * prototypes[labels]  # (B, D), Eq. (2)
                 total = total + clip_loss(f, t.to(f.dtype), scale)  # Eq. (3): L_zs + L_ft
-                pending.append((labels, t.detach()))
+                pending.append((labels, (t if cfg.update_from == "prototype-text" else mix).detach()))
             return total
 
         def update() -> None:

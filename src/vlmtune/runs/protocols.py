@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import statistics
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -158,6 +159,9 @@ class ProtocolSettings:
     skip_corrupt: bool = False
     out: str | Path | None = None  # each finished job is appended to <out>/jobs.jsonl as it ends
     resume: bool = False  # skip the jobs <out>/jobs.jsonl already holds (same method, options, data, seed)
+    textgen: str = "toy"  # the text-generation backend of methods that use LLM / LMM texts (RunConfig.textgen)
+    textgen_model: str | None = None
+    textgen_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,9 @@ class _Context:
             data_root=self.settings.data_root,
             skip_corrupt=self.settings.skip_corrupt,
             unlabeled_fraction=job.fraction,
+            textgen=self.settings.textgen,
+            textgen_model=self.settings.textgen_model,
+            textgen_endpoint=self.settings.textgen_endpoint,
         )
         res = run(cfg, cache=self.cache, progress=False, backbone=backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}
@@ -290,11 +297,13 @@ class _JobLog:
         elif self.path.is_file():
             self.path.unlink()
 
-    def add(self, key: str, metrics: dict[str, float | None]) -> None:
+    def add(self, key: str, metrics: dict[str, float | None], seconds: float, device: str) -> None:
+        """One finished job, with its wall time and device (``vlmtune reproduce --dry-run`` estimates from them)."""
         self.done[key] = metrics
         if self.path is not None:
+            entry = {"key": key, "metrics": metrics, "seconds": round(seconds, 2), "device": device}
             with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "metrics": metrics}) + "\n")
+                f.write(json.dumps(entry) + "\n")
 
 
 def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> list[tuple[_Job, dict[str, float | None]]]:
@@ -314,7 +323,8 @@ def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> lis
             ctx = _Context(bb if isinstance(bb, Backbone) else load_backbone(spec, device), settings) if todo else None
             for i in todo:
                 assert ctx is not None
-                done.add(keys[i], ctx.execute(jobs[i]))
+                start = time.perf_counter()
+                done.add(keys[i], ctx.execute(jobs[i]), time.perf_counter() - start, device)
                 bar.update()
         else:
             threads = max(1, (os.cpu_count() or 1) // settings.jobs)
@@ -323,9 +333,12 @@ def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> lis
             mp = multiprocessing.get_context("spawn" if device.startswith("cuda") else None)
             pool = ProcessPoolExecutor(settings.jobs, mp_context=mp)
             try:
+                start = time.perf_counter()
                 futures = {pool.submit(fn, jobs[i]): i for i in todo}
-                for future in as_completed(futures):
-                    done.add(keys[futures[future]], future.result())
+                for n_done, future in enumerate(as_completed(futures)):
+                    # the mean wall time per job so far, times the workers: each job's share of the pool's time
+                    seconds = (time.perf_counter() - start) * settings.jobs / (n_done + 1)
+                    done.add(keys[futures[future]], future.result(), seconds, device)
                     bar.update()
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or a failed job: stop the rest now

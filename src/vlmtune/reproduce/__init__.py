@@ -1,0 +1,26 @@
+"""``vlmtune reproduce``: one recipe per main table of the five papers, run through the protocols, our numbers
+beside the papers' (``recipes``: what a table is; ``plan``: its runs and what they lack; ``execute``: running and
+comparing; ``toy``: the recipes on the toy world)."""
+
+from vlmtune.reproduce.execute import Reproduction, RunSettings, execute, write
+from vlmtune.reproduce.plan import Group, Selection, estimate, measured_times, missing, plan, unavailable_rows
+from vlmtune.reproduce.recipes import BACKBONES, RECIPES, Recipe, Row, get_recipe
+
+__all__ = [
+    "BACKBONES",
+    "RECIPES",
+    "Group",
+    "Recipe",
+    "Reproduction",
+    "Row",
+    "RunSettings",
+    "Selection",
+    "estimate",
+    "execute",
+    "get_recipe",
+    "measured_times",
+    "missing",
+    "plan",
+    "unavailable_rows",
+    "write",
+]
