@@ -12,6 +12,7 @@ from vlmtune.methods._contrastive import clip_loss, epochs_for
 from vlmtune.methods._text import class_text_weights
 from vlmtune.methods.base import get_method, make_config
 from vlmtune.methods.latteclip import ABLATIONS, mixer_weights, momentum_update, prototype_text
+from vlmtune.runs.protocols import final_pseudo_label_accuracy
 from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, run
 
 
@@ -92,3 +93,22 @@ def test_table3_momentum_rows_move_the_prototypes_as_the_paper_describes(toy):
         drift[preset] = 1 - F.cosine_similarity(protos, t_class, dim=-1).min().item()  # the class that moved most
     assert drift["fixed-prototypes"] < 1e-6 and drift[""] < 1e-5
     assert drift["no-momentum"] > 0.05, drift  # measured 0.28
+
+
+def test_protocol_tables_report_the_fine_tuned_models_last_labels():
+    """The unsupervised table's pseudo-label column: the last selected / clean sets where a method selects (UPL,
+    CoFT), else the last relabelling of all images by the model being trained (LatteCLIP, FLYP + PL, ReCLIP)."""
+
+    def row(rnd, kind, acc, source=None):
+        return {"round": rnd, "kind": kind, "accuracy": acc, "source": source}
+
+    contrastive = [
+        row(0, "all", 80.0, "zero-shot"),
+        row(1, "all", 81.0, "fine-tuned"),
+        row(2, "all", 83.0, "fine-tuned"),
+    ]
+    assert final_pseudo_label_accuracy(contrastive) == 83.0
+    assert final_pseudo_label_accuracy(contrastive[:1]) is None  # the frozen model's labels are not trained ones
+    reclip = [row(1, "all", 70.0, "ReCLIP-T"), row(1, "all", 60.0, "ReCLIP-V")]
+    assert final_pseudo_label_accuracy(reclip) == 65.0
+    assert final_pseudo_label_accuracy([*reclip, row(1, "selected", 90.0, "agreeing")]) == 90.0

@@ -244,8 +244,12 @@ class _Context:
 
 def final_pseudo_label_accuracy(rows: list[dict[str, Any]]) -> float | None:
     """Accuracy of the pseudo-labels a label-free run trained on last: its last selected (or filtered clean) sets,
-    the mean over the models that reported one in that round; None if nothing was measured."""
-    trained = [r for r in rows if r["kind"] in ("selected", "clean") and r["accuracy"] is not None]
+    else (methods that relabel every image as they train: LatteCLIP, FLYP + PL, ReCLIP) the labels of its models in
+    the last round that is not the frozen zero-shot one; the mean over the models; None if nothing was measured."""
+    measured = [r for r in rows if r["accuracy"] is not None]
+    trained = [r for r in measured if r["kind"] in ("selected", "clean")]
+    if not trained:
+        trained = [r for r in measured if r["kind"] == "all" and r.get("source") != "zero-shot"]
     if not trained:
         return None
     last = (trained[-1]["round"], trained[-1]["kind"])
