@@ -67,6 +67,26 @@ def test_tmm_without_ctp_and_tft_is_coop_scaled(toy):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("method", ["cocoop", "tmm"])
+def test_image_conditioned_prompts_bound_the_sequences_per_pass_with_the_same_logits(toy, method):
+    """K prompts per image: a pass holds eval_prompts // K images (one at 1,000 classes and the budget below);
+    the logits do not depend on it."""
+    from vlmtune.methods.base import get_method
+
+    cls = get_method(method).classifier
+    names = [f"class {i}" for i in range(48)]
+    settings = {"n_ctx": 4, "position": "end", "embed_dim": 128, "width": 128, "lam": 0.2, "scale": 10.0}
+    settings |= {"ctp": "attention", "tft": "attention"}
+    torch.manual_seed(0)
+    clf = cls(names, torch.randn(4, 128) * 0.02, settings).bind(toy)
+    f, patches = torch.randn(7, 128), torch.randn(7, 64, 128)
+    assert clf.images_per_pass() == 64 and cls(names * 21, clf.ctx.detach(), settings).images_per_pass() == 4
+    whole = clf._batched(f, patches if clf.needs_patches else None)
+    clf.eval_prompts = 100  # two images (96 sequences) per pass
+    assert clf.images_per_pass() == 2
+    torch.testing.assert_close(clf._batched(f, patches if clf.needs_patches else None), whole)
+
+
 def test_coop_beats_zero_shot_by_ten_points_on_sketches(toy):
     zs = run(RunConfig(method="zeroshot", dataset="toy:shapes-sketch"), progress=False, backbone=toy)
     coop = run(

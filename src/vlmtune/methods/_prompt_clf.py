@@ -53,7 +53,12 @@ class PromptClassifier(Classifier):
     """
 
     needs_patches: ClassVar[bool] = False
-    eval_batch: ClassVar[int] = 64
+    eval_batch: ClassVar[int] = 64  # images per inference pass
+    # Image-conditioned prompts (CoCoOp, TMM) send B x K sequences through the text tower per pass: at K = 1,000,
+    # 64 images would be 64,000 sequences (15-25 GB at ViT-B/16). ``eval_prompts`` bounds a pass instead: 4,096
+    # sequences of 77 tokens at width 512 are ~650 MB per activation in fp32, a few GB at peak. Same logits.
+    prompts_per_image: ClassVar[bool] = False
+    eval_prompts: ClassVar[int] = 4096
 
     def __init__(
         self, classnames: Sequence[str], ctx: torch.Tensor, settings: dict[str, Any], head: nn.Module | None = None
@@ -111,13 +116,20 @@ class PromptClassifier(Classifier):
             raise TypeError(f"{self.method} needs patch features: use score(FeatureSet) or predict_images")
         return self._batched(features, None)
 
+    def images_per_pass(self) -> int:
+        """Images scored per inference pass: ``eval_batch``, fewer when each image has its own K prompts."""
+        if not self.prompts_per_image:
+            return self.eval_batch
+        return max(1, min(self.eval_batch, self.eval_prompts // len(self.classnames)))
+
     def _batched(self, features: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
         device = self.ctx.device
+        step = self.images_per_pass()
         out = []
         with torch.no_grad():
-            for i in range(0, len(features), self.eval_batch):
-                p = patches[i : i + self.eval_batch].to(device) if patches is not None else None
-                out.append(self.forward_logits(features[i : i + self.eval_batch].to(device).float(), p).cpu())
+            for i in range(0, len(features), step):
+                p = patches[i : i + step].to(device) if patches is not None else None
+                out.append(self.forward_logits(features[i : i + step].to(device).float(), p).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classnames))
 
     def score(self, data: FeatureSet) -> torch.Tensor:

@@ -9,7 +9,7 @@ and ``batch_size=B`` scales the lr by B (linear scaling rule) unless ``scale_lr=
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ class CoCoOpConfig(ImagePromptConfig):
 
 
 class CoCoOpClassifier(PromptClassifier):
+    prompts_per_image: ClassVar[bool] = True  # K prompts per image: a pass is bounded by eval_prompts
+
     @classmethod
     def build_head(cls, settings: dict[str, Any]) -> nn.Module:
         return mlp(settings["embed_dim"], settings["width"])  # Meta-Net

@@ -73,6 +73,7 @@ class TMMHead(nn.Module):
 
 class TMMClassifier(PromptClassifier):
     needs_patches: ClassVar[bool] = True
+    prompts_per_image: ClassVar[bool] = True  # K prompts per image: a pass is bounded by eval_prompts
 
     @classmethod
     def build_head(cls, settings: dict[str, Any]) -> nn.Module:
