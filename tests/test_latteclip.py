@@ -11,7 +11,7 @@ from vlmtune.data import load_dataset
 from vlmtune.methods._contrastive import clip_loss, epochs_for
 from vlmtune.methods._text import class_text_weights
 from vlmtune.methods.base import get_method, make_config
-from vlmtune.methods.latteclip import ABLATIONS, mixer_weights, momentum_update, prototype_text
+from vlmtune.methods.latteclip import ABLATIONS, mixed_text, mixer_weights, momentum_update, prototype_text
 from vlmtune.runs.protocols import final_pseudo_label_accuracy
 from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, run
 
@@ -27,11 +27,11 @@ def test_prototype_text_embedding_blends_weighted_texts_with_the_prototype():
     protos = torch.eye(3)
     labels = torch.tensor([0])
     a, b = torch.tensor([[0.8, 0.6, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])  # weights 0.2 and 1 (+1e-6)
-    t = prototype_text([a, b], protos, labels, alpha=0.5, mixer=True)  # Eq. (2)
+    t = prototype_text(mixed_text([a, b], protos, mixer=True), protos, labels, alpha=0.5)  # Eq. (2)
     wa, wb = 0.2 + 1e-6, 1.0 + 1e-6
     expected = 0.5 * (wa * a + wb * b) / (wa + wb) + 0.5 * protos[0]
     assert torch.allclose(t, expected, atol=1e-6)
-    flat = prototype_text([a, b], protos, labels, alpha=0.5, mixer=False)  # the no-mixer ablation: plain mean
+    flat = prototype_text(mixed_text([a, b], protos, mixer=False), protos, labels, alpha=0.5)  # no mixer: plain mean
     assert torch.allclose(flat, 0.5 * (a + b) / 2 + 0.5 * protos[0])
 
 

@@ -97,12 +97,10 @@ def mixed_text(parts: list[torch.Tensor], prototypes: torch.Tensor, mixer: bool)
     return (w[:, :, None] * torch.stack(parts, 1)).sum(1) / w.sum(1, keepdim=True)  # (B, D)
 
 
-def prototype_text(
-    parts: list[torch.Tensor], prototypes: torch.Tensor, labels: torch.Tensor, alpha: float, mixer: bool
-) -> torch.Tensor:
-    """Eq. (2): t = (1 - alpha) sum_i w_i g(T_i) / sum_i w_i + alpha p_c for text features ``parts`` (each (B, D))
-    and pseudo-labels ``labels`` (B,)."""
-    return (1 - alpha) * mixed_text(parts, prototypes, mixer) + alpha * prototypes.detach()[labels]
+def prototype_text(mix: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. (2): t = (1 - alpha) mix + alpha p_c for the weighted text features ``mix`` (B, D) (``mixed_text``) and
+    pseudo-labels ``labels`` (B,) -> (B, D)."""
+    return (1 - alpha) * mix + alpha * prototypes.detach()[labels]
 
 
 @torch.no_grad()
@@ -183,7 +181,7 @@ class LatteCLIP(Method):
                     continue
                 parts = ([g_class[labels]] if g_class is not None else []) + shared
                 mix = mixed_text(parts, prototypes, cfg.mixer)  # (B, D)
-                t = (1 - cfg.alpha) * mix + cfg.alpha * prototypes[labels]  # (B, D), Eq. (2)
+                t = prototype_text(mix, prototypes, labels, cfg.alpha)  # (B, D), Eq. (2)
                 total = total + clip_loss(f, t.to(f.dtype), scale)  # Eq. (3): L_zs + L_ft
                 pending.append((labels, (t if cfg.update_from == "prototype-text" else mix).detach()))
             return total

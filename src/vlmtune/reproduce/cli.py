@@ -85,7 +85,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         execute,
         get_recipe,
         measured_times,
-        missing,
         plan,
         unavailable_rows,
         write,
@@ -107,22 +106,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/reproduce/{recipe.name}{'-toy' if args.toy else ''}")
     checks = DatasetCheck(args.data_root)
     textgen = args.textgen or "toy"
-    lacking = {g.slug: missing(g, checks, textgen) for g in groups}
+    # each backbone and each group's data checked once (weights lookups and dataset listings are not free)
+    backbones = {s: backbone_missing(s) for g in groups for s in (g.spec, g.student) if s}
+    data = {g.slug: data_missing(g, checks, textgen) for g in groups}
+    lacking = {g.slug: [m for m in (backbones[g.spec], g.student and backbones[g.student]) if m] + data[g.slug]
+               for g in groups}  # fmt: skip
     skipped = [x.label for x in unavailable_rows(recipe) if not args.rows or x.label in args.rows]
 
     print(f"{recipe.name}: {recipe.title}")
     if skipped:
         print(f"  rows not in vlmtune yet (left out): {', '.join(skipped)}")
     if args.dry_run:
-        specs = dict.fromkeys(s for g in groups for s in (g.spec, g.student) if s)
-        for spec in specs:
-            print(f"  backbone {spec}: {backbone_missing(spec) or 'ready'}")
+        for spec, problem in backbones.items():
+            print(f"  backbone {spec}: {problem or 'ready'}")
         for g in groups:
             where = g.run_dataset + (f" -> {', '.join(t for _, t in g.targets)}" if g.targets else "")
             spec = g.spec + (f" -> {g.student}" if g.student else "")
             rows = ", ".join(r.label for r in g.rows)
             shots = "/".join(map(str, g.shots))
-            status = "; ".join(data_missing(g, checks, textgen)) or "ready"
+            status = "; ".join(data[g.slug]) or "ready"
             print(f"  [{g.backbone} = {spec}] {g.protocol} {where}, shots {shots}: {rows} x seeds "
                   f"{' '.join(map(str, g.seeds))} ({g.runs} runs): {status}")  # fmt: skip
         times = measured_times([out, *map(Path, args.timings)])

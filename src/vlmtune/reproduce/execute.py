@@ -8,7 +8,9 @@ exact settings, package versions and the git revision in ``settings.json``.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import logging
 import statistics
@@ -241,9 +243,6 @@ def execute(
 
 def write(rep: Reproduction, groups: list[Group], settings: RunSettings) -> Path:
     """``<out>/results.{md,csv,json}`` and ``settings.json`` (recipe, groups, options, versions, git revision)."""
-    import csv
-    import io
-
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     cells = rep.cells()

@@ -1,7 +1,8 @@
 """A recipe as groups of runs, each group one protocol call; what a group lacks before it can run; its cost.
 
 ``plan`` turns a recipe (and the user's choice of backbones, rows, datasets, seeds, or ``--toy``) into ``Group``s;
-``missing`` says what stops a group (a dataset not found, weights not cached, an extra not installed); ``estimate``
+``backbone_missing`` and ``data_missing`` say what stops a group (weights not cached, an extra not installed, a
+dataset not found); ``estimate``
 prices the runs from measured per-job times (``jobs.jsonl`` of earlier runs), never from guesses.
 """
 
@@ -99,19 +100,19 @@ def plan(recipe: Recipe, sel: Selection | None = None) -> list[Group]:
             raise UnknownName(f"dataset of {recipe.name}", d, list(columns))
     seeds = tuple(sel.seeds) or recipe.seeds
     rows = _rows(recipe, sel)
+    by_kind: dict[tuple[Protocol, tuple[int, ...]], list[Row]] = {}  # rows run by one protocol call
+    for r in rows:
+        shots = (r.shots,) if r.shots is not None else recipe.shots
+        by_kind.setdefault((r.protocol or recipe.protocol, shots), []).append(r)
+    noise = TOY_NOISE.get(recipe.noise, recipe.noise) if sel.toy else recipe.noise
     groups: list[Group] = []
     for label, spec, student in _backbones(recipe, sel):
-        by_kind: dict[tuple[Protocol, tuple[int, ...]], list[Row]] = {}
-        for r in rows:
-            shots = (r.shots,) if r.shots is not None else recipe.shots
-            by_kind.setdefault((r.protocol or recipe.protocol, shots), []).append(r)
         for (protocol, shots), members in by_kind.items():
             label_free = protocol in LABEL_FREE
 
             def run_name(d: str, label_free: bool = label_free) -> str:
                 return toy_dataset(d, label_free) if sel.toy else d
 
-            noise = TOY_NOISE.get(recipe.noise, recipe.noise) if sel.toy else recipe.noise
             common = {"rows": tuple(members), "shots": shots, "seeds": seeds, "student": student, "noise": noise}
             if protocol == "transfer":
                 source, *targets = columns
@@ -169,7 +170,8 @@ class DatasetCheck:
     """Whether each dataset loads (``load_dataset`` reads split files and folder listings, not images); memoised."""
 
     def __init__(self, data_root: str | None) -> None:
-        self.data_root, self.seen = data_root, {}  # type: ignore[var-annotated]
+        self.data_root = data_root
+        self.seen: dict[str, str | None] = {}
 
     def __call__(self, name: str) -> str | None:
         if name not in self.seen:
@@ -187,12 +189,6 @@ class DatasetCheck:
             except (VlmtuneError, OSError, ValueError) as e:
                 self.seen[name] = f"{name}: {str(e).splitlines()[0]}"
         return self.seen[name]
-
-
-def missing(group: Group, datasets: DatasetCheck, textgen: str = "toy") -> list[str]:
-    """What stops ``group`` from running here (empty: it can run)."""
-    out = [m for m in (backbone_missing(group.spec), group.student and backbone_missing(group.student)) if m]
-    return out + data_missing(group, datasets, textgen)
 
 
 def data_missing(group: Group, datasets: DatasetCheck, textgen: str = "toy") -> list[str]:
