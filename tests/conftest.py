@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -119,9 +120,11 @@ FAST_COFT = {"peft_epochs": 2, "fft_epochs": 1, "n_ctx": 4, "vpt_tokens": 2, "sh
 FAST_OPTIONS = {
     "bbt": {"budget": 200, "popsize": 10, "subspace": 64},
     "craft": {"budget": 220, "popsize": 10, "subspace": 64},
+    "blackvip": {"encoder": "toy:small", "epochs": 4, "batch_size": 64, "sp_avg": 2, "p_eps": 0.1},
     "coop": {"epochs": 4, "n_ctx": 4},
     "cocoop": {"epochs": 1, "batch_size": 16},
     "tmm": {"epochs": 1, "batch_size": 16},
+    "proda": {"epochs": 4, "n_ctx": 4, "n_prompts": 8},
     "tip_adapter_f": {"epochs": 3},
     "upl": {"epochs": 5, "n_ctx": 4},
     "ifpl": {"iterations": 2, "epochs": 3, "n_ctx": 4},
@@ -142,12 +145,19 @@ FAST_OPTIONS = {
 @pytest.fixture(scope="session")
 def toy_setup(toy):
     """(dataset, method) -> (fit(seed) -> classifier, predict(classifier) -> logits, test labels, task)."""
-    from vlmtune import load_dataset
+    from vlmtune import load_backbone, load_dataset
     from vlmtune.blackbox.local import LocalBlackBox
     from vlmtune.capabilities import Capability
     from vlmtune.data import few_shot
     from vlmtune.methods.base import Task, get_method, make_config
-    from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, split_logits, upload_split
+    from vlmtune.runs.runner import (
+        FeatureSource,
+        RunConfig,
+        bind_client_encoder,
+        make_task,
+        split_logits,
+        upload_split,
+    )
 
     sources = {patches: FeatureSource(toy, None, progress=False, patches=patches) for patches in (False, True)}
     boxes: dict = {}
@@ -157,21 +167,30 @@ def toy_setup(toy):
         cfg = make_config(method_cls, FAST_OPTIONS.get(method))
         splits = load_dataset(dataset)
         if method_cls.capability is Capability.BLACK_BOX:
-            if dataset not in boxes:
-                box = LocalBlackBox(toy)
+            method = method_cls(cfg)
+            options = method.box_options()
+            key = (dataset, tuple(sorted(options.items())))
+            if key not in boxes:
+                box = LocalBlackBox(toy, **options)
                 train = few_shot(splits["train"], 16, 1)
                 refs = upload_split(box, train, False)
-                boxes[dataset] = (
+                boxes[key] = (
                     box,
                     Task(train.classnames, train.templates, train=refs),
                     upload_split(box, splits["test"], False),
                 )
-            box, task, test = boxes[dataset]
+            box, task, test = boxes[key]
+            if method.wants_encoder() is not None:  # a client-side encoder other than the served model
+                task = dataclasses.replace(task, encoder=load_backbone(method.wants_encoder() or "toy"))
 
             def fit(seed: int = 1):
                 return method_cls(cfg).fit(box, task, generator=torch.Generator().manual_seed(seed))
 
-            return fit, (lambda clf: clf.predict_blackbox(box, test)), test.labels, task
+            def predict_bb(clf):
+                bind_client_encoder(clf, "cpu")  # a loaded BlackVIP adapter: its coordinator's encoder
+                return clf.predict_blackbox(box, test)
+
+            return fit, predict_bb, test.labels, task
         source = sources[method_cls.needs_patches]
         task, _ = make_task(splits, source, RunConfig(method=method, dataset=dataset), method_cls(cfg))
         test = source.features(splits["test"])

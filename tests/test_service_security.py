@@ -36,14 +36,16 @@ from vlmtune.data import load_dataset
 from vlmtune.errors import VlmtuneError
 
 A, B = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+C = "carol-key-0123456789abcdef"  # the pixel-prompt tests' own key (the others count A's and B's usage)
 ADDRESS = re.compile(r"0x[0-9a-f]{6,}")
 
 
 @pytest.fixture(scope="module")
 def hostile(toy, tmp_path_factory):
     store = UsageStore(tmp_path_factory.mktemp("state") / "usage.sqlite")
-    keys = {A: KeySpec(queries=1, images=30), B: KeySpec(queries=1000)}
-    app = create_app(LocalBlackBox(toy), keys, store, max_body_bytes=8 * 2**20, body_timeout=1.0)
+    keys = {A: KeySpec(queries=1, images=30), B: KeySpec(queries=1000), C: KeySpec(queries=100)}
+    box = LocalBlackBox(toy, pixel_prompts=True)  # BlackVIP's pixel-prompt queries are part of the surface
+    app = create_app(box, keys, store, max_body_bytes=8 * 2**20, body_timeout=1.0)
     with running_server(app, header_timeout=1.0, max_connections=64) as url:
         yield url, app, store
 
@@ -72,6 +74,37 @@ def test_unbounded_work_is_refused_before_any_charge(hostile):
     assert box.budget.used == 0 and box.forwards == 0
     assert _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}).status_code == 200
     assert box.budget.used == 1
+
+
+def _array(shape: tuple[int, ...], nbytes: int | None = None) -> dict:
+    raw = np.zeros(int(np.prod(shape)), np.float32).tobytes()[:nbytes]
+    return {"dtype": "float32", "shape": list(shape), "data": base64.b64encode(raw).decode()}
+
+
+def test_hostile_pixel_prompts_are_refused_uncharged(hostile):
+    url, app, _ = hostile
+    ids = _ids(url, C, 1)
+    box = key_box(app, C)
+    used, forwards = box.budget.used, box.image_forwards
+    s = box.info().image_size
+    bodies = [
+        {"pixel_prompts": _array((1, 1, 3, s, s, 1))},  # six dimensions
+        {"pixel_prompts": _array((1, 1, 3, s // 2, s // 2))},  # not the model's input size
+        {"pixel_prompts": _array((1, 1, 3, s, s), nbytes=100)},  # data shorter than its shape says
+        {"pixel_prompts": _array((1, 1, 3, s, s)), "visual_contexts": _array((1, 1, 128))},  # both kinds
+        {"pixel_prompts": _array((1, 2, 3, s, s))},  # prompts for 2 images, 1 id
+    ]
+    for extra in bodies:
+        r = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"], **extra}, key=C)
+        assert r.status_code in (400, 422), r.text
+    n = 8 * 2**20 // (3 * s * s * 4) + 1  # base64 of float32 prompts beyond the 8 MiB body limit
+    big = {"image_ids": ids * n, "classnames": ["circle"], "pixel_prompts": _array((1, n, 3, s, s))}
+    assert _post(url, "/predict", big, key=C).status_code == 413
+    assert box.budget.used == used and box.image_forwards == forwards
+    ok = _post(
+        url, "/predict", {"image_ids": ids, "classnames": ["circle"], "pixel_prompts": _array((2, 1, 3, s, s))}, key=C
+    )
+    assert ok.status_code == 200 and box.budget.used == used + 2  # one query per candidate
 
 
 def test_failed_requests_cost_nothing(toy):

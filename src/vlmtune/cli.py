@@ -233,7 +233,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             from vlmtune.blackbox.local import LocalBlackBox
 
-            box = LocalBlackBox(load_backbone(meta["backbone"], args.device), visual_prompts=clf.uses_visual_prompts)
+            box = LocalBlackBox(load_backbone(meta["backbone"], args.device), **clf.box_options())
+        from vlmtune.runs.runner import bind_client_encoder
+
+        bind_client_encoder(clf, args.device)
     else:
         backbone = load_backbone(meta["backbone"], args.device)
         if args.classnames:
@@ -259,7 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if box is not None:  # the files' own bytes where the service accepts the format, else PNG
             data = [upload_bytes(f, lambda im=im: im) for f, im in zip(batch, images, strict=True)]
             ids = box.upload(data)
-            logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long)))
+            logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long), images))
         else:
             prep = clf.image_encoder(backbone).preprocess  # the encoder's own (an LMM pads to its square)
             logits = clf.predict_images(backbone, torch.stack([prep(im) for im in images]))
@@ -409,7 +412,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images, max_classes=args.max_classes, max_reply_values=args.max_reply_mb * 2**20 // 4
     )
     box = LocalBlackBox(
-        load_backbone(args.backbone, args.device), name=args.name, visual_prompts=args.visual_prompts, limits=limits
+        load_backbone(args.backbone, args.device),
+        name=args.name,
+        visual_prompts=args.visual_prompts,
+        pixel_prompts=args.pixel_prompts,
+        limits=limits,
     )
     app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20)
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (docs at /docs; usage in {db})", flush=True)
@@ -610,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--visual-prompts",
         action="store_true",
         help="also accept visual prompt tokens (ViT backbones; keeps uploaded pixels in memory, ~0.6 MB/image)",
+    )
+    p.add_argument(
+        "--pixel-prompts",
+        action="store_true",
+        help="also accept per-image pixel prompts (BlackVIP; any backbone; keeps uploaded pixels in memory)",
     )
     p.set_defaults(fn=cmd_serve)
 

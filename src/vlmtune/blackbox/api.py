@@ -1,7 +1,8 @@
 """The black-box boundary: what a black-box method may see of a VLM.
 
 A ``BlackBoxVLM`` takes images once (``upload`` -> ids), then answers ``predict`` requests — class names, a
-template, and optionally a batch of continuous prompt contexts (C, n_ctx, d_tok) — with scores (C, N, K).
+template, and optionally a batch of continuous prompt contexts (C, n_ctx, d_tok), visual prompt tokens or
+per-image pixel prompts (C, N, 3, S, S) — with scores (C, N, K).
 Nothing else crosses: no weights, no gradients, no features. Each candidate context scored on a set of images
 is one query, charged against a hard ``QueryBudget`` before any model work is done.
 
@@ -124,7 +125,8 @@ class ServiceLimits:
         max_candidates: candidate contexts per request.
         max_prompts: candidates x classes, the prompts through the text tower per request.
         max_reply_values: candidates x images x classes, the scores of one reply (float32: 4 bytes each).
-        max_image_forwards: candidates x images re-encoded for visual prompts per request.
+        max_image_forwards: candidates x images re-encoded for visual or pixel prompts per request.
+        max_pixel_values: the values of a request's pixel prompts (candidates x images x 3 x S x S; float32).
         max_classname_chars: characters of one class name.
         max_template_chars: characters of the template.
         max_context_abs: largest |value| of a context or visual token (larger values overflow the towers).
@@ -140,6 +142,7 @@ class ServiceLimits:
     max_prompts: int = 131_072
     max_reply_values: int = 2**26
     max_image_forwards: int = 65_536
+    max_pixel_values: int = 2**25
     max_classname_chars: int = 200
     max_template_chars: int = 300
     max_context_abs: float = 1e4
@@ -165,6 +168,7 @@ class ModelInfo:
         max_visual: the most visual prompt tokens a request may carry.
         limits: the ``ServiceLimits`` of every request, as a dict (clients split their requests to fit).
         max_body_bytes: the largest request body the service accepts (None in process).
+        image_size: S, the side of the model's square input, if the service takes pixel prompts (else None).
     """
 
     name: str
@@ -175,6 +179,7 @@ class ModelInfo:
     max_visual: int = 0
     limits: dict[str, Any] = field(default_factory=lambda: ServiceLimits().to_json())
     max_body_bytes: int | None = None
+    image_size: int | None = None
 
     @property
     def service_limits(self) -> ServiceLimits:
@@ -197,6 +202,10 @@ class PredictRequest:
         visual_contexts: optional (C, n_v, d_vis) float32 visual prompt tokens, appended to every image's token
             sequence (ViT services only; ``ModelInfo.visual_width``). With ``contexts`` too, candidate c pairs
             ``contexts[c]`` with ``visual_contexts[c]``.
+        pixel_prompts: optional (C, N, 3, S, S) float32 per-image pixel prompts in [0, 1] pixel units (services
+            with ``ModelInfo.image_size`` S): candidate c scores image n as clamp(x_n + pixel_prompts[c, n], 0, 1),
+            x_n the image as the model sees it (resized and cropped, before normalisation). BlackVIP's queries.
+            With ``contexts`` too, candidate c pairs ``contexts[c]`` with ``pixel_prompts[c]``.
     """
 
     image_ids: list[str]
@@ -205,10 +214,11 @@ class PredictRequest:
     contexts: np.ndarray | None = None
     mode: ContextMode = "add"
     visual_contexts: np.ndarray | None = None
+    pixel_prompts: np.ndarray | None = None
 
     @property
     def n_candidates(self) -> int:
-        for a in (self.contexts, self.visual_contexts):
+        for a in (self.contexts, self.visual_contexts, self.pixel_prompts):
             if a is not None:
                 return int(a.shape[0])
         return 1
@@ -250,6 +260,8 @@ class PredictRequest:
                 raise ValueError("contexts and visual_contexts must hold the same number of candidates")
             if c * n > lim.max_image_forwards:
                 raise ValueError(f"{c} candidates x {n} images re-encoded; the limit is {lim.max_image_forwards}")
+        if self.pixel_prompts is not None:
+            self._check_pixels(info, lim)
         if c > lim.max_candidates:
             raise ValueError(f"{c} candidates in one request; the limit is {lim.max_candidates}")
         if c * k > lim.max_prompts:
@@ -259,6 +271,27 @@ class PredictRequest:
                 f"the reply would hold {c} x {n} x {k} = {self.n_values} scores; the limit is "
                 f"{lim.max_reply_values}: split the request"
             )
+
+    def _check_pixels(self, info: ModelInfo, lim: ServiceLimits) -> None:
+        a, s, n = self.pixel_prompts, info.image_size, len(self.image_ids)
+        assert a is not None
+        if s is None:
+            raise ValueError(f"{info.name} takes no pixel prompts")
+        if self.visual_contexts is not None:
+            raise ValueError("a request carries visual_contexts or pixel_prompts, not both")
+        if a.ndim != 5 or a.shape[0] < 1 or tuple(a.shape[1:]) != (n, 3, s, s):
+            raise ValueError(f"pixel_prompts must have shape (C>=1, {n}, 3, {s}, {s}), got {tuple(a.shape)}")
+        if a.size > lim.max_pixel_values:
+            raise ValueError(f"{a.size} pixel prompt values in one request; the limit is {lim.max_pixel_values}")
+        c = a.shape[0]
+        if self.contexts is not None and self.contexts.shape[0] != c:
+            raise ValueError("contexts and pixel_prompts must hold the same number of candidates")
+        if c * n > lim.max_image_forwards:
+            raise ValueError(f"{c} candidates x {n} images re-encoded; the limit is {lim.max_image_forwards}")
+        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+            raise ValueError("pixel_prompts must be finite floats")
+        if float(np.abs(a).max()) > lim.max_context_abs:
+            raise ValueError(f"pixel_prompts values must lie within +-{lim.max_context_abs:g}")
 
 
 def _check_tokens(name: str, a: np.ndarray, max_tokens: int, width: int, limits: ServiceLimits) -> None:
@@ -273,10 +306,15 @@ def _check_tokens(name: str, a: np.ndarray, max_tokens: int, width: int, limits:
 
 @dataclass(frozen=True)
 class ImageRefs:
-    """Uploaded images and their labels: what a black-box method trains on (ids only, never pixels or features)."""
+    """Uploaded images and their labels: what a black-box method trains on (ids; never the model's features).
+
+    ``images``: the client's own copies of the same images (``images[i]`` a PIL image), for methods that compute
+    input-dependent prompts on the client (BlackVIP's coordinator); None when the client kept none.
+    """
 
     ids: list[str]
     labels: Any  # (N,) int64 tensor
+    images: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)

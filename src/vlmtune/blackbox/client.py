@@ -2,7 +2,8 @@
 
 Requests are split to fit the service's advertised limits (``/v1/info``): uploads by count and by bytes, score
 requests by candidates (each candidate is still one query), replies come back as raw float32. A request without
-contexts whose reply would be too large is split by images (one query per part).
+contexts whose reply would be too large is split by images (one query per part), and so is a request whose pixel
+prompts would not fit one body (one query per candidate and part: each is a forward the service computes).
 """
 
 from __future__ import annotations
@@ -112,6 +113,38 @@ class HttpBlackBox:
             step = max(1, min(lim.max_images, lim.max_reply_values // k))  # one query per part
             parts = [self._send(replace(request, image_ids=request.image_ids[i : i + step])) for i in range(0, n, step)]
             return np.concatenate(parts, axis=1)
+        if request.pixel_prompts is not None:  # a part's images: one candidate's pixel prompts fit one request
+            step = self._pixel_images_per_request(request)
+            if step < n:
+                pp = request.pixel_prompts
+                cuts = [slice(i, i + step) for i in range(0, n, step)]
+                parts = [
+                    self._by_candidates(replace(request, image_ids=request.image_ids[c], pixel_prompts=pp[:, c]))
+                    for c in cuts
+                ]
+                return np.concatenate(parts, axis=1)
+        return self._by_candidates(request)
+
+    def _pixel_images_per_request(self, request: PredictRequest) -> int:
+        assert request.pixel_prompts is not None
+        return self.pixel_images_per_request(request.classnames, int(np.prod(request.pixel_prompts.shape[2:])))
+
+    def pixel_images_per_request(self, classnames: list[str], values_per_image: int | None = None) -> int:
+        """The most images whose pixel prompts (one candidate; ``values_per_image`` = 3 x S x S by default) fit
+        one request within the service's limits and body size."""
+        info = self.info()
+        lim = info.service_limits
+        one = values_per_image or 3 * (info.image_size or 1) ** 2
+        step = min(lim.max_images, lim.max_image_forwards, lim.max_pixel_values // one)
+        if info.max_body_bytes is not None:
+            room = info.max_body_bytes - _OVERHEAD - sum(len(c) + 3 for c in classnames)
+            step = min(step, math.floor(room / (one * 4 * 4 / 3 + 30)))  # base64 float32 + the id
+        if step < 1:
+            raise ValueError("one image's pixel prompt does not fit the service's request limits")
+        return step
+
+    def _by_candidates(self, request: PredictRequest) -> np.ndarray:
+        """Scores (C, N, K) in requests of as many candidates as fit."""
         per = self._candidates_per_request(request)
         c = request.n_candidates
         if per >= c:
@@ -125,6 +158,7 @@ class HttpBlackBox:
                         request,
                         contexts=request.contexts[cut] if request.contexts is not None else None,
                         visual_contexts=request.visual_contexts[cut] if request.visual_contexts is not None else None,
+                        pixel_prompts=request.pixel_prompts[cut] if request.pixel_prompts is not None else None,
                     )
                 )
             )
@@ -135,11 +169,14 @@ class HttpBlackBox:
         lim = info.service_limits
         n, k = len(request.image_ids), len(request.classnames)
         per = min(lim.max_candidates, lim.max_reply_values // (n * k), lim.max_prompts // k)
-        if request.visual_contexts is not None:
+        if request.visual_contexts is not None or request.pixel_prompts is not None:
             per = min(per, lim.max_image_forwards // n)
+        if request.pixel_prompts is not None:
+            per = min(per, lim.max_pixel_values // max(1, request.pixel_prompts[0].size))
         if info.max_body_bytes is not None:
             fixed = _OVERHEAD + sum(len(i) + 3 for i in request.image_ids) + sum(len(c) + 3 for c in request.classnames)
-            one = sum(a[0].size * 4 * 4 / 3 for a in (request.contexts, request.visual_contexts) if a is not None)
+            arrays = (request.contexts, request.visual_contexts, request.pixel_prompts)
+            one = sum(a[0].size * 4 * 4 / 3 for a in arrays if a is not None)
             per = min(per, math.floor((info.max_body_bytes - fixed) / one) if one else per)
         if per < 1:
             raise ValueError(
@@ -158,6 +195,8 @@ class HttpBlackBox:
         }
         if request.visual_contexts is not None:
             body["visual_contexts"] = encode_array(request.visual_contexts)
+        if request.pixel_prompts is not None:
+            body["pixel_prompts"] = encode_array(request.pixel_prompts)
         out = self._call("POST", "/predict", json=body, headers={"Accept": BINARY})
         return out if isinstance(out, np.ndarray) else decode_array(out["scores"])
 

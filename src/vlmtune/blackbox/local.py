@@ -11,7 +11,9 @@ and counts only its own uploads, and nothing about another key's (not even throu
 
 With ``visual_prompts=True`` (ViT backbones) the preprocessed pixels are kept as well, and a request may carry
 visual prompt tokens: then every image is encoded again under every candidate's tokens (C x N image forwards,
-the cost CraFT's App. B reports for "+ vp").
+the cost CraFT's App. B reports for "+ vp"). With ``pixel_prompts=True`` (any image tower) a request may carry
+per-image pixel prompts (BlackVIP): each is added to the image in [0, 1] pixel units, clamped, normalised and
+encoded: C x N image forwards as well.
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
         raise ValueError(f"not a readable {', '.join(limits.image_formats)} file") from None
 
 
+def pixel_affine(backbone: Backbone) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The model's input side S and its per-channel normalisation (mean, std), each (3, 1, 1), read off its
+    preprocessing of a black and a white image (x_normalised = (x - mean) / std for x in [0, 1])."""
+    black = backbone.preprocess(Image.new("RGB", (256, 256), (0, 0, 0)))  # (3, S, S) = -mean / std
+    white = backbone.preprocess(Image.new("RGB", (256, 256), (255, 255, 255)))  # (1 - mean) / std
+    if black.ndim != 3 or black.shape[-1] != black.shape[-2]:
+        raise ValueError(f"{backbone.spec}: pixel prompts need a square (3, S, S) model input")
+    std = 1.0 / (white - black).mean(dim=(1, 2), keepdim=True)
+    mean = -black.mean(dim=(1, 2), keepdim=True) * std
+    return int(black.shape[-1]), mean.float(), std.float()
+
+
 class LocalBlackBox:
     """A black-box VLM over ``backbone`` with a hard query budget.
 
@@ -69,6 +83,7 @@ class LocalBlackBox:
         candidate_batch: how many candidate contexts go through the text tower at once.
         visual_prompts: accept visual prompt tokens (keeps the preprocessed pixels of every upload in memory:
             about 0.6 MB an image at 224 px). Needs a ViT image tower.
+        pixel_prompts: accept per-image pixel prompts (keeps the pixels too). Any image tower.
         image_batch: images per image-tower forward (uploads, and visual prompts).
         limits: what one request may ask (validated before anything is charged).
         image_quota: the most images this box holds (None = no limit).
@@ -84,6 +99,7 @@ class LocalBlackBox:
         image_batch: int = 512,
         limits: ServiceLimits | None = None,
         image_quota: int | None = None,
+        pixel_prompts: bool = False,
     ) -> None:
         self._backbone = backbone
         self.budget = budget or QueryBudget(None)
@@ -103,7 +119,13 @@ class LocalBlackBox:
             visual_width=visual_width,
             max_visual=16,
             limits=self.limits.to_json(),
+            image_size=None,
         )
+        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        if pixel_prompts:
+            size, *self._affine = pixel_affine(backbone)
+            self._info = replace(self._info, image_size=size)
+        self._keep_pixels = visual_prompts or pixel_prompts
         self.candidate_batch, self.image_batch = candidate_batch, image_batch
         self.forwards = 0  # text-tower batches run (for tests and benchmarks)
         self.image_forwards = 0  # image-tower batches run for visual prompts
@@ -148,7 +170,7 @@ class LocalBlackBox:
             with self._lock:
                 for (image_id, _), f, px in zip(chunk, feats, batch, strict=True):
                     self._features[image_id] = f
-                    if self._info.visual_width is not None:
+                    if self._keep_pixels:
                         self._pixels[image_id] = px
             self.budget.record_uploads(len(chunk))
         return ids
@@ -176,9 +198,11 @@ class LocalBlackBox:
         try:
             images = torch.stack([self._features[i] for i in request.image_ids])  # (N, D)
             visual = None
-            if request.visual_contexts is not None:
+            if request.visual_contexts is not None or request.pixel_prompts is not None:
                 pixels = torch.stack([self._pixels[i] for i in request.image_ids])  # (N, 3, H, W)
-                visual = (pixels, torch.as_tensor(np.asarray(request.visual_contexts, dtype=np.float32)))
+                kind = "tokens" if request.visual_contexts is not None else "pixels"
+                given = request.visual_contexts if kind == "tokens" else request.pixel_prompts
+                visual = (pixels, torch.as_tensor(np.asarray(given, dtype=np.float32)), kind)
             with self._compute:
                 scores = self._scores(images, *prompts, visual).float().numpy()
             if not np.isfinite(scores).all():
@@ -220,7 +244,7 @@ class LocalBlackBox:
         eot: torch.Tensor,
         ctx: torch.Tensor | None,
         add: int,
-        visual: tuple[torch.Tensor, torch.Tensor] | None,
+        visual: tuple[torch.Tensor, torch.Tensor, str] | None,
     ) -> torch.Tensor:
         """Scores (C, N, K) from image features (N, D) or, with ``visual``, each candidate's own image features."""
         bb = self._backbone
@@ -234,7 +258,7 @@ class LocalBlackBox:
         for start in range(0, n_cand, self.candidate_batch):
             stop = min(start + self.candidate_batch, n_cand)
             text = shared_text if ctx is None else self._text_features(base, eot, ctx[start:stop], add)  # (c|1, K, D)
-            img = images[None] if visual is None else self._visual_features(visual[0], visual[1][start:stop])
+            img = images[None] if visual is None else self._prompted_features(visual, start, stop)
             c = max(text.shape[0], img.shape[0])  # (c|1, N, D)
             out.append(bb.logit_scale * torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1)))
         return torch.cat(out)
@@ -250,6 +274,28 @@ class LocalBlackBox:
         text = bb.encode_text_embeddings(embeds.view(-1, length, width).to(bb.device), eot.repeat(c))
         self.forwards += 1
         return text.float().cpu().view(c, k, -1)
+
+    def _prompted_features(self, visual: tuple[torch.Tensor, torch.Tensor, str], start: int, stop: int) -> torch.Tensor:
+        pixels, prompts, kind = visual
+        if kind == "tokens":
+            return self._visual_features(pixels, prompts[start:stop])
+        return self._pixel_features(pixels, prompts[start:stop])
+
+    def _pixel_features(self, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) as normalised by the backbone, pixel prompts (c, N, 3, S, S) in [0, 1] units ->
+        image features (c, N, D) of clamp(x + p, 0, 1), normalised again."""
+        assert self._affine is not None
+        mean, std = self._affine  # (3, 1, 1): x_normalised = (x - mean) / std
+        raw = pixels * std + mean  # (N, 3, S, S) in [0, 1]
+        rows = []
+        for c in range(len(prompts)):
+            cols = []
+            for i in range(0, len(pixels), self.image_batch):
+                x = ((raw[i : i + self.image_batch] + prompts[c, i : i + self.image_batch]).clamp(0, 1) - mean) / std
+                cols.append(self._backbone.encode_images(x.to(self._backbone.device)).float().cpu())
+                self.image_forwards += 1
+            rows.append(torch.cat(cols))
+        return torch.stack(rows)
 
     def _visual_features(self, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) under candidate visual prompts (c, n_v, W_v) -> image features (c, N, D)."""

@@ -36,7 +36,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class ArrayIn(BaseModel):
     dtype: Literal["float32"]
-    shape: list[int] = Field(max_length=4)
+    shape: list[int] = Field(max_length=5)
     data: str
 
 
@@ -52,6 +52,9 @@ class PredictIn(BaseModel):
     mode: Literal["add", "replace"] = "add"
     visual_contexts: ArrayIn | None = Field(
         default=None, description="(C, n_v, d_vis) float32 visual prompt tokens (ViT services started with them)"
+    )
+    pixel_prompts: ArrayIn | None = Field(
+        default=None, description="(C, N, 3, S, S) float32 per-image pixel prompts (services started with them)"
     )
 
 
@@ -193,9 +196,9 @@ def create_app(
 
     @app.post(f"{API_PREFIX}/predict", summary="scores (C, N, K) of uploaded images against class prompts")
     def predict(body: PredictIn, request: Request, kbox: LocalBlackBox = Depends(key_box)) -> Any:
-        arrays = (body.contexts, body.visual_contexts)
-        contexts, visual = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
-        req = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual)
+        arrays = (body.contexts, body.visual_contexts, body.pixel_prompts)
+        contexts, visual, pixels = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
+        req = PredictRequest(body.image_ids, body.classnames, body.template, contexts, body.mode, visual, pixels)
         binary = BINARY in request.headers.get("accept", "")
         req.validate(kbox.info())  # limits first (400), then the JSON reply size (413): nothing is charged before
         if not binary and 4 * req.n_values > MAX_ARRAY_BYTES:  # refused before any charge

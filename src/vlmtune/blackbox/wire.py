@@ -22,8 +22,8 @@ def decode_array(obj: dict[str, Any]) -> np.ndarray:
     if not isinstance(obj, dict) or obj.get("dtype") != "float32":
         raise ValueError("arrays must be objects with dtype 'float32', shape and base64 data")
     shape = obj.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 4:
-        raise ValueError("array shape must be a list of at most 4 non-negative ints")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 5:
+        raise ValueError("array shape must be a list of at most 5 non-negative ints")
     try:
         raw = base64.b64decode(obj.get("data", ""), validate=True)
     except (ValueError, TypeError) as exc:

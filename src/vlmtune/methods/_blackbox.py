@@ -1,4 +1,5 @@
-"""Machinery shared by the black-box methods (BBT, CraFT): subspace prompts, CMA-ES, the black-box classifier.
+"""Machinery shared by the black-box methods (BBT, CraFT, BlackVIP): subspace prompts, CMA-ES, queries within the
+box's limits, the black-box classifier.
 
 Imports only the black-box API: never a backbone, open_clip or transformers (import-linter contract).
 """
@@ -88,6 +89,34 @@ def query_scores(
     return torch.as_tensor(box.predict(request), dtype=torch.float32)
 
 
+PIXEL_CHUNK = 256  # images a client prompts per pass when it scores a split with pixel prompts (BlackVIP)
+
+
+def query_pixel_scores(
+    box: BlackBoxVLM, ids: Sequence[str], classnames: Sequence[str], template: str, prompts: np.ndarray
+) -> torch.Tensor:
+    """Scores (C, N, K) for per-image pixel prompts (C, N, 3, S, S), in requests within the box's advertised
+    limits: images split so that one candidate fits, then candidates (each request charges its candidates)."""
+    lim = box.info().service_limits
+    c, n = prompts.shape[:2]
+    per_image = int(np.prod(prompts.shape[2:]))
+    step = max(1, min(n, lim.max_images, lim.max_image_forwards, lim.max_pixel_values // per_image))
+    columns = []
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        per = max(1, min(c, lim.max_candidates, lim.max_image_forwards // m, lim.max_pixel_values // (m * per_image)))
+        rows = [
+            box.predict(
+                PredictRequest(
+                    list(ids[i : i + m]), list(classnames), template, pixel_prompts=prompts[j : j + per, i : i + m]
+                )
+            )
+            for j in range(0, c, per)
+        ]
+        columns.append(np.concatenate(rows))
+    return torch.as_tensor(np.concatenate(columns, axis=1), dtype=torch.float32)
+
+
 class BlackBoxClassifier(Classifier):
     """A learned prompt offset (added to the template context by the box), optional visual prompt tokens, and an
     optional refinement head.
@@ -130,6 +159,23 @@ class BlackBoxClassifier(Classifier):
     @property
     def uses_visual_prompts(self) -> bool:
         return bool(self.visual_context.numel())
+
+    def box_options(self) -> dict[str, bool]:
+        """What a box must accept to serve this adapter (``LocalBlackBox`` keyword arguments)."""
+        return {"visual_prompts": self.uses_visual_prompts}
+
+    @property
+    def encoder_spec(self) -> str | None:
+        """The backbone spec of a client-side image encoder the adapter computes prompts with (BlackVIP), or None."""
+        return None
+
+    @property
+    def encoder_bound(self) -> bool:
+        """Whether the encoder ``encoder_spec`` names is attached (always, for adapters without one)."""
+        return True
+
+    def bind_encoder(self, encoder: Any) -> None:
+        """Attach the client-side encoder named by ``encoder_spec`` (loaded by the caller; methods load no model)."""
 
     def predict_blackbox(self, box: BlackBoxVLM, refs: ImageRefs) -> torch.Tensor:
         ctx = self.context.numpy()[None] if self.context.numel() else None

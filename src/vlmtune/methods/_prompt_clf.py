@@ -97,13 +97,17 @@ class PromptClassifier(Classifier):
     def scale(self) -> float:
         return float(self.settings["scale"])
 
+    def encode_context(self) -> torch.Tensor:
+        """G(p_i) of the learned (unconditioned) prompts -> (K, D), differentiable in the context."""
+        return self.assembler.encode(self.ctx)
+
     def text_features(self) -> torch.Tensor:
-        """G(p_i) of the learned (unconditioned) prompts -> (K, D); cached at inference."""
+        """``encode_context()``, cached at inference."""
         if torch.is_grad_enabled():
-            return self.assembler.encode(self.ctx)
+            return self.encode_context()
         version = (self.ctx._version, id(self._assembler))
         if self._text_cache is None or self._text_cache[0] != version:
-            self._text_cache = (version, self.assembler.encode(self.ctx))
+            self._text_cache = (version, self.encode_context())
         return self._text_cache[1]
 
     # ---- prediction ------------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class Task:
         texts: the text-generation stage bound to the training images (labels removed): LLM / LMM descriptions
             and templates, cached (``vlmtune.textgen``); bound to no image for methods that fit from class names
             alone; None outside the runner.
+        encoder: a frozen client-side image encoder for black-box methods that compute prompts from the images
+            themselves (BlackVIP's coordinator, ``Method.wants_encoder``); never the black box's model. Else None.
     """
 
     classnames: list[str]
@@ -109,6 +111,7 @@ class Task:
     train_images: ImageSet | None = None
     student: Backbone | None = None
     texts: DatasetTexts | None = None
+    encoder: Backbone | None = None
 
     @property
     def num_classes(self) -> int:
@@ -222,6 +225,11 @@ class Method(ABC):
         """Keyword options for the ``LocalBlackBox`` a black-box method is run against (e.g. visual prompts)."""
         return {}
 
+    def wants_encoder(self) -> str | None:
+        """A black-box method's client-side image encoder (``Task.encoder``): its backbone spec, ``""`` for the
+        run's own backbone spec, or None (no encoder, the default)."""
+        return None
+
     @abstractmethod
     def fit(self, handle: Any, task: Task, *, generator: torch.Generator) -> Classifier:
         """Adapt to ``task`` through ``handle`` (a ``Backbone``, or a ``BlackBoxVLM`` for ``BLACK_BOX`` methods);
@@ -253,7 +261,9 @@ BUILTIN_METHODS = (
     "coop",
     "cocoop",
     "tmm",
+    "proda",
     "bbt",
+    "blackvip",
     "craft",
     "upl",
     "fpl",

@@ -147,10 +147,10 @@ _TMM_ROWS = (
     Row("zeroshot", "zeroshot"),
     Row("coop", "coop"),
     Row("cocoop", "cocoop"),
-    Row("proda", None, note="ProDA: not in vlmtune yet (issue 15)"),
+    Row("proda", "proda"),
     Row("tmm", "tmm"),
 )
-_TMM_SHORT = tuple(r for r in _TMM_ROWS if r.method is not None)  # Tables 2-4 have no ProDA row
+_TMM_SHORT = tuple(r for r in _TMM_ROWS if r.label != "proda")  # Tables 2-4 have no ProDA row
 _LABEL_FREE = tuple(Row(m, m) for m in ("zeroshot", "coft_plus", "coft", "upl", "ifpl", "grip", "lafter", "cpl"))
 _MISSING_NOISY = ("elr", "sce", "gmm", "rolt", "unicon", "longremix", "promix", "deft")
 
@@ -171,7 +171,7 @@ RECIPES: dict[str, Recipe] = {
             "few-shot",
             (
                 Row("bbt", "bbt"),
-                Row("blackvip", None, note="BlackVIP: not in vlmtune yet (issue 15)"),
+                Row("blackvip", "blackvip", note="coordinator encoder: the run's backbone (paper: MAE ViT-B/16)"),
                 Row("bbt-vp", "bbt", {"preset": "yu2023"}, note="Yu et al. 2023: BBT with text and visual prompts"),
                 Row("craft", "craft"),
                 Row("craft-vp", "craft", {"visual_prompt": True}, note="CraFT + visual prompts (App. B)"),

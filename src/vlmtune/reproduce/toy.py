@@ -40,6 +40,9 @@ TOY_NOISE = {"cifar100n": "pairflip-0.4"}  # CIFAR-100N's human labels (~40% wro
 TOY_MAX_CTX = 8  # the toy text tower has 20 token positions: 16 context vectors leave too few for ToyNet's names
 
 
+TOY_CLIENT_ENCODER = "toy:small"  # BlackVIP's client-side encoder on the toy world (the bundled smaller model)
+
+
 def toy_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """A row's options for the toy model: a prompt longer than ``TOY_MAX_CTX`` (given or the method's default) is
     capped (the run's settings.json records the options used)."""
@@ -49,6 +52,8 @@ def toy_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     n_ctx = getattr(make_config(get_method(method), out), "n_ctx", None)
     if n_ctx is not None and n_ctx > TOY_MAX_CTX:
         out["n_ctx"] = TOY_MAX_CTX
+    if method == "blackvip":  # the coordinator's encoder: a model other than the served one, as in the paper
+        out.setdefault("encoder", TOY_CLIENT_ENCODER)
     return out
 
 

@@ -35,7 +35,7 @@ from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
 from vlmtune.data.fewshot import few_shot_indices
 from vlmtune.errors import VlmtuneError
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
-from vlmtune.methods._blackbox import BlackBoxClassifier
+from vlmtune.methods._blackbox import PIXEL_CHUNK, BlackBoxClassifier
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
 from vlmtune.pixels.data import ImageSet
@@ -307,7 +307,8 @@ def split_logits(
     if isinstance(classifier, BlackBoxClassifier):
         if box is None:
             assert backbone is not None
-            box = LocalBlackBox(backbone, visual_prompts=classifier.uses_visual_prompts)
+            box = LocalBlackBox(backbone, **classifier.box_options())
+        bind_client_encoder(classifier, backbone.device if backbone is not None else "cpu")
         refs = upload_split(box, split, progress)
         return classifier.predict_blackbox(box, refs), refs.labels
     assert backbone is not None
@@ -452,14 +453,34 @@ def _run_features(
     return result
 
 
+def bind_client_encoder(classifier: BlackBoxClassifier, device: Any) -> None:
+    """Load and attach the client-side image encoder a black-box adapter computes its prompts with (BlackVIP)."""
+    if classifier.encoder_spec is not None and not classifier.encoder_bound:
+        classifier.bind_encoder(load_backbone(classifier.encoder_spec, device_for(str(device))))
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """A split's images by index (PIL): the client's own copies beside the uploaded ids (``ImageRefs.images``)."""
+
+    split: DatasetSplit
+
+    def __getitem__(self, i: int) -> Any:
+        return self.split.image(i)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+
 def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> ImageRefs:
-    """Upload a split's images to a black box (the files' own bytes where the format is accepted, else PNG)."""
+    """Upload a split's images to a black box (the files' own bytes where the format is accepted, else PNG); the
+    refs keep the split's images for methods that prompt each image on the client."""
     reading = tqdm(range(len(split)), desc=f"reading {split.dataset}/{split.split}", disable=not progress, leave=False)
     data = [upload_bytes(split.file_path(i), lambda i=i: split.image(i)) for i in reading]
     ids: list[str] = []
     for start in tqdm(range(0, len(data), 256), desc="uploading", unit="batch", disable=not progress, leave=False):
         ids += box.upload(data[start : start + 256])
-    return ImageRefs(ids, torch.as_tensor(split.labels, dtype=torch.long))
+    return ImageRefs(ids, torch.as_tensor(split.labels, dtype=torch.long), SplitImages(split))
 
 
 class _Reserved:
@@ -483,8 +504,12 @@ class _Reserved:
         return replace(u, limit=None if u.limit is None else max(0, u.limit - self.reserve))
 
 
-def _scoring_queries(box: BlackBoxVLM, split: DatasetSplit) -> int:
-    """Queries the client needs to score ``split`` once without a context (it splits by images if needed)."""
+def _scoring_queries(box: BlackBoxVLM, split: DatasetSplit, pixel_prompts: bool = False) -> int:
+    """Queries the client needs to score ``split`` once (it splits by images where needed): without a context,
+    or (``pixel_prompts``: BlackVIP) with one pixel prompt per image, sent ``PIXEL_CHUNK`` images at a time."""
+    if pixel_prompts and hasattr(box, "pixel_images_per_request"):
+        step = box.pixel_images_per_request(split.classnames)
+        return -(-len(split) // PIXEL_CHUNK) * -(-min(PIXEL_CHUNK, len(split)) // step)
     lim = box.info().service_limits
     per_request = max(1, min(lim.max_images, lim.max_reply_values // max(1, split.num_classes)))
     return -(-len(split) // per_request)
@@ -511,14 +536,23 @@ def _run_black_box(
         if cfg.curve_every:
             raise VlmtuneError("--curve-every is not available with --service (every test scoring would be charged)")
         eval_box: BlackBoxVLM = HttpBlackBox(cfg.service, api_key or os.environ.get("VLMTUNE_API_KEY", ""))
-        box = _Reserved(eval_box, _scoring_queries(eval_box, test_split))
+        reserve = _scoring_queries(eval_box, test_split, bool(box_options.get("pixel_prompts")))
+        box = _Reserved(eval_box, reserve)
     else:
         assert backbone is not None
         used = journal.queries if journal else 0
         box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=used), **box_options)
         eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
     method.hooks.journal = journal
-    task = Task(train_split.classnames, train_split.templates, train=upload_split(box, train_split, progress))
+    encoder = method.wants_encoder()
+    if encoder == "" and cfg.service is not None:
+        raise VlmtuneError(f"{cfg.method} over --service needs its client-side encoder named: --set encoder=SPEC")
+    task = Task(
+        train_split.classnames,
+        train_split.templates,
+        train=upload_split(box, train_split, progress),
+        encoder=load_backbone(encoder or cfg.backbone, device_for(cfg.device)) if encoder is not None else None,
+    )
     test = upload_split(eval_box, test_split, progress)
     curve: list[tuple[int, float]] = []
     if cfg.curve_every:
