@@ -154,6 +154,26 @@ class ServiceLimits:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def pixel_images(self, values_per_image: int, classes: int) -> int:
+        """The most images one candidate's pixel prompts (``values_per_image`` = 3 x S x S) may cover in one
+        request with ``classes`` class names (0: not even one)."""
+        return min(
+            self.max_images,
+            self.max_image_forwards,
+            self.max_pixel_values // values_per_image,
+            self.max_reply_values // classes,
+        )
+
+    def pixel_candidates(self, images: int, values_per_image: int, classes: int) -> int:
+        """The most candidates whose pixel prompts on ``images`` images fit one request (0: not even one)."""
+        return min(
+            self.max_candidates,
+            self.max_prompts // classes,
+            self.max_image_forwards // images,
+            self.max_pixel_values // (images * values_per_image),
+            self.max_reply_values // (images * classes),
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo:

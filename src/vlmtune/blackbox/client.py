@@ -133,9 +133,8 @@ class HttpBlackBox:
         """The most images whose pixel prompts (one candidate; ``values_per_image`` = 3 x S x S by default) fit
         one request within the service's limits and body size."""
         info = self.info()
-        lim = info.service_limits
         one = values_per_image or 3 * (info.image_size or 1) ** 2
-        step = min(lim.max_images, lim.max_image_forwards, lim.max_pixel_values // one)
+        step = info.service_limits.pixel_images(one, len(classnames))
         if info.max_body_bytes is not None:
             room = info.max_body_bytes - _OVERHEAD - sum(len(c) + 3 for c in classnames)
             step = min(step, math.floor(room / (one * 4 * 4 / 3 + 30)))  # base64 float32 + the id

@@ -99,12 +99,12 @@ def query_pixel_scores(
     limits: images split so that one candidate fits, then candidates (each request charges its candidates)."""
     lim = box.info().service_limits
     c, n = prompts.shape[:2]
-    per_image = int(np.prod(prompts.shape[2:]))
-    step = max(1, min(n, lim.max_images, lim.max_image_forwards, lim.max_pixel_values // per_image))
+    per_image, k = int(np.prod(prompts.shape[2:])), len(classnames)
+    step = max(1, min(n, lim.pixel_images(per_image, k)))
     columns = []
     for i in range(0, n, step):
         m = min(step, n - i)
-        per = max(1, min(c, lim.max_candidates, lim.max_image_forwards // m, lim.max_pixel_values // (m * per_image)))
+        per = max(1, min(c, lim.pixel_candidates(m, per_image, k)))
         rows = [
             box.predict(
                 PredictRequest(

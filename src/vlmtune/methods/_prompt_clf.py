@@ -209,9 +209,11 @@ def train_prompt_classifier(
     hooks: TrainingHooks | None = None,
     targets: torch.Tensor | None = None,
     on_epoch: Callable[[int], dict[str, float] | None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PromptClassifier:
     """Train ``clf`` on ``train``'s features with cross-entropy on its labels (or the soft-target loss on
-    ``targets`` (N, K)) under ``schedule``; the backbone stays frozen."""
+    ``targets`` (N, K), or a method's own ``loss(features (B, D), labels (B,))``, e.g. ProDA's surrogate) under
+    ``schedule``; the backbone stays frozen."""
     if len(train) == 0:
         raise ValueError(f"{clf.method} needs training features")
     if clf.needs_patches and train.patches is None:
@@ -222,6 +224,8 @@ def train_prompt_classifier(
     soft = targets.to(device).float() if targets is not None else None
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        if loss is not None:
+            return loss(feats[idx], labels[idx])
         logits = clf.forward_logits(feats[idx], patches[idx] if patches is not None else None)
         return soft_cross_entropy(logits, soft[idx]) if soft is not None else F.cross_entropy(logits, labels[idx])
 

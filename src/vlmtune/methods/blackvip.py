@@ -165,14 +165,18 @@ class BlackVIPClassifier(BlackBoxClassifier):
     def box_options(self) -> dict[str, bool]:
         return {"pixel_prompts": True}
 
-    def encode(self, images: Any, indices: range | list[int]) -> torch.Tensor:
-        """The frozen encoder's features z (B, z_dim) of the client's images ``images[i]``."""
+    def encode(self, images: Any, indices: range) -> torch.Tensor:
+        """The frozen encoder's features z (B, z_dim) of the client's images ``images[i]``, ``PIXEL_CHUNK`` at a
+        time."""
         if self._encoder is None:
             raise RuntimeError("blackvip: bind_encoder(the coordinator's encoder) first")
-        enc = self._encoder
+        enc, out = self._encoder, []
         with torch.no_grad():
-            batch = torch.stack([enc.preprocess(images[i]) for i in indices]).to(enc.device)
-            return enc.encode_images(batch, normalize=False).float().cpu()
+            for start in range(0, len(indices), PIXEL_CHUNK):
+                chunk = indices[start : start + PIXEL_CHUNK]
+                batch = torch.stack([enc.preprocess(images[i]) for i in chunk]).to(enc.device)
+                out.append(enc.encode_images(batch, normalize=False).float().cpu())
+        return torch.cat(out)
 
     def pixel_prompts(self, z: torch.Tensor, image_size: int) -> torch.Tensor:
         """Features (B, z_dim) -> pixel prompts (B, 3, S, S): eps * phi(x) in pixel units at the box's size S."""
@@ -214,17 +218,11 @@ class BlackVIPClassifier(BlackBoxClassifier):
 class SPSATrainer:
     """SPSA(-GC) over the decoder's parameter vector, each candidate scored through the black box."""
 
-    def __init__(self, cfg: BlackVIPConfig, box: BlackBoxVLM, clf: BlackVIPClassifier, refs: ImageRefs) -> None:
-        self.cfg, self.box, self.clf, self.refs = cfg, box, clf, refs
-        self.size = box.info().image_size
-        if self.size is None:
-            raise ValueError(f"{box.info().name} takes no pixel prompts: BlackVIP needs a box that does")
-        self.z = torch.cat(
-            [
-                clf.encode(refs.images, range(i, min(i + PIXEL_CHUNK, len(refs))))
-                for i in range(0, len(refs), PIXEL_CHUNK)
-            ]
-        )  # (N, z_dim): the encoder is frozen and the images fixed, so z is computed once
+    def __init__(
+        self, cfg: BlackVIPConfig, box: BlackBoxVLM, clf: BlackVIPClassifier, refs: ImageRefs, size: int
+    ) -> None:
+        self.cfg, self.box, self.clf, self.refs, self.size = cfg, box, clf, refs, size  # size: the box's input side
+        self.z = clf.encode(refs.images, range(len(refs)))  # (N, z_dim): frozen encoder, fixed images: once
         self.params = list(clf.coordinator.parameters())
         self.momentum: torch.Tensor | None = None
 
@@ -234,8 +232,8 @@ class SPSATrainer:
         Candidates are prompted and queried as many at a time as one request's pixel values allow (at 224 px and
         batch 128 one candidate's prompts are 77 MB: never all 2q at once)."""
         ids = [self.refs.ids[i] for i in idx.tolist()]
-        values = len(idx) * 3 * self.size**2
-        per = max(1, min(len(w), self.box.info().service_limits.max_pixel_values // values))
+        limits = self.box.info().service_limits
+        per = max(1, min(len(w), limits.pixel_candidates(len(idx), 3 * self.size**2, len(self.clf.classnames))))
         scores = []
         for start in range(0, len(w), per):
             prompts = []
@@ -305,7 +303,7 @@ class BlackVIP(Method):
         }
         clf = BlackVIPClassifier(list(task.classnames), template, coordinator, settings)
         clf.bind_encoder(task.encoder)
-        trainer = SPSATrainer(cfg, handle, clf, refs)
+        trainer = SPSATrainer(cfg, handle, clf, refs, size)
         n = len(refs)
         batch = min(cfg.batch_size, n)
         per_epoch = n // batch  # full batches only (the reference's loader drops the last partial one)

@@ -23,8 +23,14 @@ import torch.nn.functional as F
 
 from vlmtune.features.extract import FeatureSet
 from vlmtune.methods._options import method_config, option
-from vlmtune.methods._prompt import TOKEN_SCALE_DOC, PromptAssembler, init_context, train_sgd_cosine
-from vlmtune.methods._prompt_clf import PromptClassifier, PromptMethod, prompt_settings, schedule_for
+from vlmtune.methods._prompt import TOKEN_SCALE_DOC, PromptAssembler, init_context
+from vlmtune.methods._prompt_clf import (
+    PromptClassifier,
+    PromptMethod,
+    prompt_settings,
+    schedule_for,
+    train_prompt_classifier,
+)
 from vlmtune.methods.base import Task, register_method
 
 Positions = Literal["mixed", "end"]
@@ -148,25 +154,18 @@ class ProDA(PromptMethod):
         # P contexts (P, n, W) drawn N(0, 0.02), CoOp's random init (init_context's class axis is the prompt axis)
         ctx = init_context(handle, cfg.n_ctx, None, generator, classes=cfg.n_prompts, scale=settings["token_scale"])
         clf = ProDAClassifier(task.classnames, ctx, settings).bind(handle)
-        device = handle.device
-        feats = F.normalize(train.features.to(device).float(), dim=-1)
-        labels = train.labels.to(device)
         batch = cfg.prompt_batch or cfg.n_prompts
 
-        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        def surrogate(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             chosen = torch.randperm(cfg.n_prompts, generator=generator)[:batch] if batch < cfg.n_prompts else None
             w = clf.prompt_features(chosen)  # (P', K, D)
-            logits = gaussian_logits(clf.scale, feats[idx], w, labels[idx], cfg.covariance)
-            loss = F.cross_entropy(logits, labels[idx])
+            logits = gaussian_logits(clf.scale, F.normalize(features, dim=-1), w, labels, cfg.covariance)
+            loss = F.cross_entropy(logits, labels)
             if cfg.diversity > 0:
                 which = chosen if chosen is not None else torch.arange(cfg.n_prompts)
                 loss = loss + cfg.diversity * diversity_loss(clf.class_free_features(which.to(clf.ctx.device)))
             return loss
 
-        clf.train()
-        with handle.frozen():
-            train_sgd_cosine(
-                [clf.ctx], loss_fn, len(labels), schedule_for(cfg, task, self.paper_batch), generator, self.hooks
-            )
-        clf.eval()
+        schedule = schedule_for(cfg, task, self.paper_batch)
+        train_prompt_classifier(clf, handle, train, schedule, generator, self.hooks, loss=surrogate)
         return clf
