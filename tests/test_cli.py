@@ -76,7 +76,9 @@ def test_list_and_errors(capsys):
     assert "unknown method 'linear-probe'; did you mean 'linear_probe'?" in err and len(err.splitlines()) == 1
 
 
-def test_black_box_fit_eval_predict(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_black_box_fit_eval_predict(tmp_path, capsys, precision):
+    """A run records the precision of the box it trained against; eval and predict use that box again."""
     run = tmp_path / "bbt"
     args = [
         "-q",
@@ -95,10 +97,13 @@ def test_black_box_fit_eval_predict(tmp_path, capsys):
         "popsize=10",
         "--set",
         "subspace=16",
+        "--box-precision",
+        precision,
     ]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["queries"] == 60
+    assert json.loads((run / "config.json").read_text())["box_precision"] == precision
     capsys.readouterr()
     assert main(["-q", "eval", "--run", str(run)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -13,6 +13,7 @@ Adapters set ``model`` and ``eot_token_id`` and implement four primitives; every
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vlmtune.backbones.prefix import TextStack, encode_shared_prefix
 from vlmtune.capabilities import Capability
 
 __all__ = ["Backbone", "Capability", "FeatureEncoder"]
@@ -101,6 +103,34 @@ class Backbone(ABC):
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights (inputs are cast to it)."""
+        return next(p for p in self.module.parameters() if p.is_floating_point()).dtype
+
+    def cast(self, dtype: torch.dtype) -> Backbone:
+        """A copy whose weights are ``dtype`` (a bfloat16 copy runs on AMX / tensor cores; autocast does not
+        get that speed on CPUs); ``self`` if they already are. The copy has its own fingerprint. A convolutional
+        image tower (ResNet) is also put in channels_last, which its bf16 kernels want (RN50: 4.3x instead of
+        2.2x over fp32 on AMX, benchmarks/feature_precision.py)."""
+        if dtype == self.dtype:
+            return self
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model).to(dtype)
+        clone.__dict__.pop("_fingerprint", None)
+        convs = sum(isinstance(m, nn.Conv2d) for m in clone.image_tower().modules())
+        clone.channels_last = dtype != torch.float32 and convs > 1  # a patch-embedding conv alone: a ViT
+        if clone.channels_last:
+            clone.image_tower().to(memory_format=torch.channels_last)
+        return clone
+
+    channels_last: bool = False  # image inputs go in channels_last (a cast ResNet tower)
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images on the model's device, dtype and memory format."""
+        images = images.to(self.device, self.dtype)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
     def fingerprint(self) -> str:
         """A short hash of the weights (part of feature-cache keys); recomputed only after in-place changes."""
         versions = tuple(t._version for t in self.module.state_dict().values())
@@ -113,6 +143,8 @@ class Backbone(ABC):
             t = tensor.detach().flatten()
             h.update(t[:: max(1, t.numel() // 4096)].float().cpu().numpy().tobytes())  # a strided sample: fast
             h.update(str(tuple(tensor.shape)).encode())
+            if tensor.dtype not in (torch.float32, torch.int64):  # a cast copy (keys of fp32 weights unchanged)
+                h.update(str(tensor.dtype).encode())
         self._fingerprint = (versions, h.hexdigest()[:16])
         return self._fingerprint[1]
 
@@ -124,7 +156,25 @@ class Backbone(ABC):
         ``L'`` may be shorter than the context length (the text tower is causal, so positions after the EOT
         token never change its feature): methods can truncate to the longest prompt to save compute.
         """
-        x = self._text_forward(embeds, eot_index)  # (M, D)
+        x = self._text_forward(embeds.to(self.dtype), eot_index)  # (M, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_stack(self) -> TextStack | None:
+        """The text tower as pre-norm blocks (for prefix sharing), or None where it is not described."""
+        return None
+
+    def encode_text_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """C candidates' shared prompt prefixes (C, P, W) and K class suffixes (C, K, S, W), end-of-text positions
+        (K,) in the whole prompt (all >= P) -> text features (C, K, D): equal to encoding every [prefix; suffix],
+        with the prefix computed once per candidate where ``text_stack`` describes the tower."""
+        c, k = suffix.shape[:2]
+        stack = self.text_stack()
+        if stack is None:
+            whole = torch.cat([prefix[:, None].expand(-1, k, -1, -1), suffix], 2).flatten(0, 1)  # (C*K, P+S, W)
+            return self.encode_text_embeddings(whole, eot_index.repeat(c), normalize).view(c, k, -1)
+        x = encode_shared_prefix(stack, prefix.to(self.device), suffix.to(self.device), eot_index)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -145,12 +195,12 @@ class Backbone(ABC):
 
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Preprocessed images (B, 3, H, W) -> image features (B, D)."""
-        pooled, _ = self._image_forward(images.to(self.device))
+        pooled, _ = self._image_forward(self._pixels(images))
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_image_tokens(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed images -> pooled (B, D) and patch features (B, P, D) in the joint space."""
-        pooled, patches = self._image_forward(images.to(self.device))
+        pooled, patches = self._image_forward(self._pixels(images))
         if self.visual_prompt_tokens:  # installed visual prompts (backbones.tuning) ride after the patches
             patches = patches[:, : patches.shape[1] - self.visual_prompt_tokens]
         if normalize:
@@ -209,7 +259,7 @@ class Backbone(ABC):
         if site is None:
             raise TypeError(f"{self.spec}: the image tower is not a ViT; it takes no visual prompt tokens")
         c, b = prompts.shape[0], images.shape[0]
-        pixels = images.to(self.device).repeat(c, 1, 1, 1)  # (C*B, 3, H, W), candidate-major
+        pixels = self._pixels(images).repeat(c, 1, 1, 1)  # (C*B, 3, H, W), candidate-major
         tokens = prompts.to(self.device).repeat_interleave(b, 0)  # (C*B, n_v, W_v)
 
         def append(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

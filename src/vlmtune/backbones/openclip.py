@@ -10,12 +10,15 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.prefix import PreNormBlock, TextStack
 from vlmtune.errors import VlmtuneError, WeightsNotAvailable, require
 
 
@@ -134,6 +137,35 @@ class OpenClipBackbone(Backbone):
         x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]  # (M, W)
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (M, D)
+
+    def text_stack(self) -> TextStack | None:
+        """CLIP's causal text transformer as pre-norm blocks; None for towers of another shape (then prompts
+        are encoded whole)."""
+        m = self.model
+        blocks = getattr(getattr(m, "transformer", None), "resblocks", None)
+        if blocks is None or m.attn_mask is None:
+            return None
+        parts = []
+        for b in blocks:
+            attn = getattr(b, "attn", None)
+            plain = (
+                isinstance(attn, nn.MultiheadAttention)
+                and attn._qkv_same_embed_dim
+                and attn.bias_k is None
+                and not attn.add_zero_attn
+                and not hasattr(b, "ln_1_kv")
+            )
+            if not plain:
+                return None
+            qkv = partial(F.linear, weight=attn.in_proj_weight, bias=attn.in_proj_bias)
+            parts.append(PreNormBlock(b.ln_1, qkv, attn.out_proj, attn.num_heads, b.ln_2, b.mlp, b.ls_1, b.ls_2))
+        proj = m.text_projection
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            x = m.ln_final(x)  # (M, W)
+            return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (M, D)
+
+        return TextStack(m.positional_embedding, parts, head)
 
     def visual_prompt_site(self) -> nn.Module | None:
         visual = self.model.visual

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.prefix import PreNormBlock, TextStack
 from vlmtune.errors import UnknownName, WeightsNotAvailable
 from vlmtune.toy.model import ToyCLIP, ToyCLIPConfig
 from vlmtune.toy.tokenizer import ToyTokenizer
@@ -86,6 +87,11 @@ class ToyBackbone(Backbone):
 
     def _image_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.visual(images)  # (B, D), (B, P, D)
+
+    def text_stack(self) -> TextStack:
+        text = self.model.text
+        blocks = [PreNormBlock(b.ln_1, b.qkv, b.out, b.heads, b.ln_2, b.mlp) for b in text.blocks]
+        return TextStack(text.positional_embedding, blocks, lambda x: text.ln_final(x) @ text.text_projection)
 
     def visual_prompt_site(self) -> nn.Module:
         return self.model.visual.ln_pre

@@ -154,25 +154,27 @@ class ServiceLimits:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def pixel_images(self, values_per_image: int, classes: int) -> int:
-        """The most images one candidate's pixel prompts (``values_per_image`` = 3 x S x S) may cover in one
-        request with ``classes`` class names (0: not even one)."""
-        return min(
-            self.max_images,
-            self.max_image_forwards,
-            self.max_pixel_values // values_per_image,
-            self.max_reply_values // classes,
-        )
+    def images_per_request(self, classes: int, values_per_image: int = 0, reencoded: bool = False) -> int:
+        """The most images one candidate may be scored on in one request with ``classes`` class names; images
+        ``reencoded`` under visual or pixel prompts, with ``values_per_image`` pixel-prompt values each
+        (3 x S x S; implies re-encoding). 0: not even one."""
+        limits = [self.max_images, self.max_reply_values // classes]
+        if reencoded or values_per_image:
+            limits.append(self.max_image_forwards)
+        if values_per_image:
+            limits.append(self.max_pixel_values // values_per_image)
+        return min(limits)
 
-    def pixel_candidates(self, images: int, values_per_image: int, classes: int) -> int:
-        """The most candidates whose pixel prompts on ``images`` images fit one request (0: not even one)."""
-        return min(
-            self.max_candidates,
-            self.max_prompts // classes,
-            self.max_image_forwards // images,
-            self.max_pixel_values // (images * values_per_image),
-            self.max_reply_values // (images * classes),
-        )
+    def candidates_per_request(
+        self, images: int, classes: int, values_per_image: int = 0, reencoded: bool = False
+    ) -> int:
+        """The most candidates one request may score on ``images`` images (0: not even one)."""
+        limits = [self.max_candidates, self.max_prompts // classes, self.max_reply_values // (images * classes)]
+        if reencoded or values_per_image:
+            limits.append(self.max_image_forwards // images)
+        if values_per_image:
+            limits.append(self.max_pixel_values // (images * values_per_image))
+        return min(limits)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class HttpBlackBox:
             and request.visual_contexts is None
             and (n * k > lim.max_reply_values or n > lim.max_images)
         ):
-            step = max(1, min(lim.max_images, lim.max_reply_values // k))  # one query per part
+            step = max(1, lim.images_per_request(k))  # one query per part
             parts = [self._send(replace(request, image_ids=request.image_ids[i : i + step])) for i in range(0, n, step)]
             return np.concatenate(parts, axis=1)
         if request.pixel_prompts is not None:  # a part's images: one candidate's pixel prompts fit one request
@@ -134,7 +134,7 @@ class HttpBlackBox:
         one request within the service's limits and body size."""
         info = self.info()
         one = values_per_image or 3 * (info.image_size or 1) ** 2
-        step = info.service_limits.pixel_images(one, len(classnames))
+        step = info.service_limits.images_per_request(len(classnames), one)
         if info.max_body_bytes is not None:
             room = info.max_body_bytes - _OVERHEAD - sum(len(c) + 3 for c in classnames)
             step = min(step, math.floor(room / (one * 4 * 4 / 3 + 30)))  # base64 float32 + the id
@@ -167,11 +167,8 @@ class HttpBlackBox:
         info = self.info()
         lim = info.service_limits
         n, k = len(request.image_ids), len(request.classnames)
-        per = min(lim.max_candidates, lim.max_reply_values // (n * k), lim.max_prompts // k)
-        if request.visual_contexts is not None or request.pixel_prompts is not None:
-            per = min(per, lim.max_image_forwards // n)
-        if request.pixel_prompts is not None:
-            per = min(per, lim.max_pixel_values // max(1, request.pixel_prompts[0].size))
+        pixels = request.pixel_prompts[0, 0].size if request.pixel_prompts is not None else 0
+        per = lim.candidates_per_request(n, k, pixels, reencoded=request.visual_contexts is not None)
         if info.max_body_bytes is not None:
             fixed = _OVERHEAD + sum(len(i) + 3 for i in request.image_ids) + sum(len(c) + 3 for c in request.classnames)
             arrays = (request.contexts, request.visual_contexts, request.pixel_prompts)

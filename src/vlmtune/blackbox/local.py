@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.prefix import Precision, resolve_precision, shared_prefix_length
 from vlmtune.blackbox.api import (
     BudgetExceeded,
     ModelInfo,
@@ -80,7 +81,13 @@ class LocalBlackBox:
         backbone: the served model.
         budget: query (and optional work) budget (``None`` = unlimited).
         name: public model name (defaults to the backbone spec).
-        candidate_batch: how many candidate contexts go through the text tower at once.
+        candidate_batch: the most candidate contexts that go through the text tower at once.
+        max_sequences: the most prompts (candidates x classes) per text-tower pass (bounds memory at K = 1,000).
+        precision: the served model's weights: None = ``backbone`` as it is; ``fp32``; ``bf16`` (a bfloat16 copy:
+            about 4x faster on AMX CPUs, cosine >= 0.9999 to fp32 features); ``auto`` (bf16 where the device has
+            bf16 matrix units).
+        share_prefix: compute the prompt positions all classes share once per candidate (same scores up to
+            float rounding; off only to measure what it saves).
         visual_prompts: accept visual prompt tokens (keeps the preprocessed pixels of every upload in memory:
             about 0.6 MB an image at 224 px). Needs a ViT image tower.
         pixel_prompts: accept per-image pixel prompts (keeps the pixels too). Any image tower.
@@ -100,8 +107,11 @@ class LocalBlackBox:
         limits: ServiceLimits | None = None,
         image_quota: int | None = None,
         pixel_prompts: bool = False,
+        max_sequences: int = 4096,
+        precision: Precision | None = None,
+        share_prefix: bool = True,
     ) -> None:
-        self._backbone = backbone
+        self._backbone = backbone if precision is None else backbone.cast(resolve_precision(precision, backbone.device))
         self.budget = budget or QueryBudget(None)
         self.limits = limits or ServiceLimits()
         self.image_quota = image_quota
@@ -126,7 +136,8 @@ class LocalBlackBox:
             size, *self._affine = pixel_affine(backbone)
             self._info = replace(self._info, image_size=size)
         self._keep_pixels = visual_prompts or pixel_prompts
-        self.candidate_batch, self.image_batch = candidate_batch, image_batch
+        self.candidate_batch, self.image_batch, self.max_sequences = candidate_batch, image_batch, max_sequences
+        self.share_prefix = share_prefix
         self.forwards = 0  # text-tower batches run (for tests and benchmarks)
         self.image_forwards = 0  # image-tower batches run for visual prompts
 
@@ -246,34 +257,48 @@ class LocalBlackBox:
         add: int,
         visual: tuple[torch.Tensor, torch.Tensor, str] | None,
     ) -> torch.Tensor:
-        """Scores (C, N, K) from image features (N, D) or, with ``visual``, each candidate's own image features."""
+        """Scores (C, N, K) from image features (N, D) or, with ``visual``, each candidate's own image features.
+        Computed on the model's device (features in float32), returned on the CPU."""
         bb = self._backbone
-        base = bb.embed_tokens(tokens).float().cpu()  # (K, L, W)
+        base = bb.embed_tokens(tokens).float()  # (K, L, W)
+        images = images.to(bb.device)
         n_cand = len(ctx) if ctx is not None else len(visual[1]) if visual is not None else 1
         shared_text = None
         if ctx is None:
-            shared_text = bb.encode_text_embeddings(base.to(bb.device), eot).float().cpu()[None]  # (1, K, D)
+            shared_text = bb.encode_text_embeddings(base, eot).float()[None]  # (1, K, D)
             self.forwards += 1
+        per_pass = max(1, min(self.candidate_batch, self.max_sequences // len(base)))  # candidates per pass
+        shared = shared_prefix_length(tokens, eot)
         out = []
-        for start in range(0, n_cand, self.candidate_batch):
-            stop = min(start + self.candidate_batch, n_cand)
-            text = shared_text if ctx is None else self._text_features(base, eot, ctx[start:stop], add)  # (c|1, K, D)
-            img = images[None] if visual is None else self._prompted_features(visual, start, stop)
-            c = max(text.shape[0], img.shape[0])  # (c|1, N, D)
-            out.append(bb.logit_scale * torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1)))
+        for start in range(0, n_cand, per_pass):
+            stop = min(start + per_pass, n_cand)
+            text = shared_text if ctx is None else self._text_features(base, eot, ctx[start:stop], add, shared)
+            img = images[None] if visual is None else self._prompted_features(visual, start, stop).to(bb.device)
+            c = max(text.shape[0], img.shape[0])  # text (c|1, K, D), images (c|1, N, D)
+            scores = torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1))
+            out.append((bb.logit_scale * scores).cpu())
         return torch.cat(out)
 
-    def _text_features(self, base: torch.Tensor, eot: torch.Tensor, ctx: torch.Tensor, add: int) -> torch.Tensor:
-        """Class prompts (K, L, W) under candidate contexts (c, n_ctx, W) -> text features (c, K, D)."""
+    def _text_features(
+        self, base: torch.Tensor, eot: torch.Tensor, ctx: torch.Tensor, add: int, shared: int
+    ) -> torch.Tensor:
+        """Class prompts (K, L, W) under candidate contexts (c, n_ctx, W) -> text features (c, K, D).
+
+        The positions all K prompts share (start token, context, template words before the class name) are
+        computed once per candidate (``Backbone.encode_text_shared_prefix``)."""
         bb = self._backbone
         c, n_ctx = ctx.shape[:2]
         k, length, width = base.shape
         embeds = base.expand(c, k, length, width).clone()  # (c, K, L, W)
         window = embeds[:, :, 1 : 1 + n_ctx]  # after the start token
+        ctx = ctx.to(embeds.device)
         embeds[:, :, 1 : 1 + n_ctx] = window + ctx[:, None] if add else ctx[:, None].expand_as(window)
-        text = bb.encode_text_embeddings(embeds.view(-1, length, width).to(bb.device), eot.repeat(c))
         self.forwards += 1
-        return text.float().cpu().view(c, k, -1)
+        p = shared if k > 1 and self.share_prefix else 0
+        if p < 2:
+            text = bb.encode_text_embeddings(embeds.view(-1, length, width), eot.repeat(c))
+            return text.float().view(c, k, -1)
+        return bb.encode_text_shared_prefix(embeds[:, 0, :p], embeds[:, :, p:], eot).float()  # (c, K, D)
 
     def _prompted_features(self, visual: tuple[torch.Tensor, torch.Tensor, str], start: int, stop: int) -> torch.Tensor:
         pixels, prompts, kind = visual

@@ -31,7 +31,7 @@ class FeatureKey:
     dataset: str
     split: str
     samples: str  # hash of the sample ids
-    kind: str  # "pooled" or "pooled+patches"
+    kind: str  # "pooled" or "pooled+patches16" (patches in float16)
     dtype: str = "float32"
 
     def digest(self) -> str:

@@ -7,7 +7,7 @@ Imports only the black-box API: never a backbone, open_clip or transformers (imp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,64 @@ def make_cma(d0: int, sigma0: float, popsize: int, bounds: float | None, seed: i
     return cma.CMAEvolutionStrategy(np.zeros(d0), sigma0, opts)
 
 
+@dataclass(frozen=True)
+class ScorePart:
+    """One request's reply: the scores (c, n, K) of candidates ``candidates`` on images ``images``."""
+
+    candidates: slice
+    images: slice
+    scores: torch.Tensor
+
+
+def score_parts(
+    box: BlackBoxVLM,
+    ids: Sequence[str],
+    classnames: Sequence[str],
+    template: str,
+    contexts: np.ndarray | None = None,
+    visual_contexts: np.ndarray | None = None,
+    pixel_prompts: np.ndarray | None = None,
+) -> Iterator[ScorePart]:
+    """Scores of C candidates (contexts (C, n_ctx, W), visual tokens (C, n_v, W_v), pixel prompts (C, N, 3, S, S))
+    on N images, in requests within the box's advertised limits: images split so that one candidate fits a
+    request, then candidates. A reply is used before the next request is sent, so a caller that reduces each part
+    never holds (C, N, K) at once (CraFT at K = 1,000: 40 x 16,000 x 1,000 scores would be 2.6 GB). Each request
+    charges its candidates: C queries per image part."""
+    lim = box.info().service_limits
+    k, n = len(classnames), len(ids)
+    c = next((len(a) for a in (contexts, visual_contexts, pixel_prompts) if a is not None), 1)
+    pixels = int(np.prod(pixel_prompts.shape[2:])) if pixel_prompts is not None else 0
+    reencoded = visual_contexts is not None
+    step = max(1, min(n, lim.images_per_request(k, pixels, reencoded)))
+    for i in range(0, n, step):
+        images = slice(i, min(i + step, n))
+        per = max(1, min(c, lim.candidates_per_request(images.stop - i, k, pixels, reencoded)))
+        for j in range(0, c, per):
+            cut = slice(j, min(j + per, c))
+            request = PredictRequest(
+                list(ids[images]),
+                list(classnames),
+                template,
+                contexts[cut] if contexts is not None else None,
+                visual_contexts=visual_contexts[cut] if visual_contexts is not None else None,
+                pixel_prompts=pixel_prompts[cut, images] if pixel_prompts is not None else None,
+            )
+            yield ScorePart(cut, images, torch.as_tensor(box.predict(request), dtype=torch.float32))
+
+
+def image_parts(box: BlackBoxVLM, n: int, classes: int, visual: bool = False) -> int:
+    """Requests one candidate's scores on ``n`` images take (each charges the candidate once)."""
+    step = max(1, box.info().service_limits.images_per_request(classes, reencoded=visual))
+    return -(-n // step)
+
+
+def _gather(c: int, n: int, k: int, parts: Iterator[ScorePart]) -> torch.Tensor:
+    out = torch.empty(c, n, k)  # (C, N, K), filled part by part
+    for part in parts:
+        out[part.candidates, part.images] = part.scores
+    return out
+
+
 def query_scores(
     box: BlackBoxVLM,
     refs: ImageRefs,
@@ -84,9 +142,10 @@ def query_scores(
     contexts: np.ndarray | None,
     visual_contexts: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Scores (C, N, K) from the box as a float tensor (charges C queries)."""
-    request = PredictRequest(list(refs.ids), list(classnames), template, contexts, visual_contexts=visual_contexts)
-    return torch.as_tensor(box.predict(request), dtype=torch.float32)
+    """Scores (C, N, K) from the box as a float tensor (C queries per image part: ``score_parts``)."""
+    c = next((len(a) for a in (contexts, visual_contexts) if a is not None), 1)
+    parts = score_parts(box, refs.ids, classnames, template, contexts, visual_contexts)
+    return _gather(c, len(refs), len(classnames), parts)
 
 
 PIXEL_CHUNK = 256  # images a client prompts per pass when it scores a split with pixel prompts (BlackVIP)
@@ -95,26 +154,9 @@ PIXEL_CHUNK = 256  # images a client prompts per pass when it scores a split wit
 def query_pixel_scores(
     box: BlackBoxVLM, ids: Sequence[str], classnames: Sequence[str], template: str, prompts: np.ndarray
 ) -> torch.Tensor:
-    """Scores (C, N, K) for per-image pixel prompts (C, N, 3, S, S), in requests within the box's advertised
-    limits: images split so that one candidate fits, then candidates (each request charges its candidates)."""
-    lim = box.info().service_limits
-    c, n = prompts.shape[:2]
-    per_image, k = int(np.prod(prompts.shape[2:])), len(classnames)
-    step = max(1, min(n, lim.pixel_images(per_image, k)))
-    columns = []
-    for i in range(0, n, step):
-        m = min(step, n - i)
-        per = max(1, min(c, lim.pixel_candidates(m, per_image, k)))
-        rows = [
-            box.predict(
-                PredictRequest(
-                    list(ids[i : i + m]), list(classnames), template, pixel_prompts=prompts[j : j + per, i : i + m]
-                )
-            )
-            for j in range(0, c, per)
-        ]
-        columns.append(np.concatenate(rows))
-    return torch.as_tensor(np.concatenate(columns, axis=1), dtype=torch.float32)
+    """Scores (C, N, K) for per-image pixel prompts (C, N, 3, S, S) (``score_parts``)."""
+    parts = score_parts(box, ids, classnames, template, pixel_prompts=prompts)
+    return _gather(prompts.shape[0], prompts.shape[1], len(classnames), parts)
 
 
 class BlackBoxClassifier(Classifier):

@@ -132,7 +132,7 @@ class PromptClassifier(Classifier):
         out = []
         with torch.no_grad():
             for i in range(0, len(features), step):
-                p = patches[i : i + step].to(device) if patches is not None else None
+                p = patches[i : i + step].to(device).float() if patches is not None else None  # (B, P, D)
                 out.append(self.forward_logits(features[i : i + step].to(device).float(), p).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classnames))
 

@@ -233,7 +233,7 @@ class SPSATrainer:
         batch 128 one candidate's prompts are 77 MB: never all 2q at once)."""
         ids = [self.refs.ids[i] for i in idx.tolist()]
         limits = self.box.info().service_limits
-        per = max(1, min(len(w), limits.pixel_candidates(len(idx), 3 * self.size**2, len(self.clf.classnames))))
+        per = max(1, min(len(w), limits.candidates_per_request(len(idx), len(self.clf.classnames), 3 * self.size**2)))
         scores = []
         for start in range(0, len(w), per):
             prompts = []

@@ -23,7 +23,15 @@ from torch import nn
 
 from vlmtune.blackbox.api import BlackBoxVLM, BudgetExceeded, ImageRefs
 from vlmtune.capabilities import Capability
-from vlmtune.methods._blackbox import BlackBoxClassifier, PromptSpace, SubspacePrompt, make_cma, query_scores
+from vlmtune.methods._blackbox import (
+    BlackBoxClassifier,
+    PromptSpace,
+    SubspacePrompt,
+    image_parts,
+    make_cma,
+    query_scores,
+    score_parts,
+)
 from vlmtune.methods._options import method_config, option
 from vlmtune.methods._refine import RefinementHead
 from vlmtune.methods.base import Method, Task, TrainingHooks, register_method
@@ -175,6 +183,7 @@ class CollaborativeTrainer:
             _init_(self.head, generator)
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             self.opt = opt_cls(self.head.parameters(), lr=cfg.lr)
+        self.parts = image_parts(box, len(self.refs), self.k, cfg.visual_prompt)  # requests per candidate
         self.used = 0
         self.head_trained = False
         self.hooks = TrainingHooks()
@@ -203,18 +212,26 @@ class CollaborativeTrainer:
     def _consistency(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return self._consistency_per_sample(own, other).mean()
 
-    def fitness(self, scores: torch.Tensor, consistency: bool) -> list[float]:
-        """L_I (Eq. 5) of each candidate: scores (C, N, K) -> C values."""
+    def sample_losses(self, scores: torch.Tensor, labels: torch.Tensor, consistency: bool) -> torch.Tensor:
+        """L_I (Eq. 5) of each candidate on each image: scores (c, n, K), labels (n,) -> (c, n)."""
         c, n, k = scores.shape
         with torch.no_grad():
             flat = scores.reshape(c * n, k)  # all candidates through the head in one batch
-            labels = self.labels.repeat(c)
-            loss = F.cross_entropy(flat, labels, reduction="none").reshape(c, n).mean(1)  # (C,)
+            loss = F.cross_entropy(flat, labels.repeat(c), reduction="none")  # (c*n,)
             if consistency and self.head is not None:
-                y_o = self._refine(flat)  # Eq. (3)
-                kl = self._consistency_per_sample(flat, y_o).reshape(c, n).mean(1)
-                loss = loss + self.lambda_i * kl  # Eq. (5)
-        return loss.tolist()
+                loss = loss + self.lambda_i * self._consistency_per_sample(flat, self._refine(flat))  # Eq. (3), (5)
+        return loss.view(c, n)
+
+    def fitness(self, contexts: tuple[np.ndarray, np.ndarray | None], consistency: bool) -> tuple[np.ndarray, int]:
+        """L_I (Eq. 5) of each candidate, averaged over the training images, and the queries it cost. Scored part
+        by part (``score_parts``): at K = 1,000 the (C, N, K) scores are never held at once."""
+        total = torch.zeros(len(contexts[0]), dtype=torch.float64)  # (C,)
+        queries = 0
+        for part in score_parts(self.box, self.refs.ids, self.task.classnames, self.template, *contexts):
+            losses = self.sample_losses(part.scores, self.labels[part.images], consistency)  # (c, n)
+            total[part.candidates] += losses.double().sum(1)
+            queries += len(part.scores)
+        return (total / len(self.labels)).numpy(), queries
 
     def _next_record(self) -> GenerationRecord | None:
         return self._replay.pop(0) if self._replay else None
@@ -229,8 +246,8 @@ class CollaborativeTrainer:
         z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
         record = self._next_record()
         if record is None:  # live: query the box (replayed steps reuse the logged fitness)
-            scores = query_scores(self.box, self.refs, self.task.classnames, self.template, *self.prompt.split(z))
-            record = GenerationRecord(np.array(self.fitness(scores, consistency)), None, len(z))
+            fitness, queries = self.fitness(self.prompt.split(z), consistency)
+            record = GenerationRecord(fitness, None, queries)
             self._log(record)
         else:
             self.used += record.queries
@@ -266,7 +283,7 @@ class CollaborativeTrainer:
         record = self._next_record()
         if record is None:
             scores = query_scores(self.box, self.refs, self.task.classnames, self.template, *self.mean_context())[0]
-            record = GenerationRecord(None, scores.numpy(), 1)
+            record = GenerationRecord(None, scores.numpy(), self.parts)
             self._log(record)
         else:
             self.used += record.queries
@@ -311,8 +328,9 @@ class CollaborativeTrainer:
         consistency = both and cfg.training == "collaborative"  # the KL terms of Eq. (5) and (6)
         head_epochs = budget // (cfg.popsize + 1)  # as many head epochs as the full method has generations
         if cfg.use_prompt:
-            cost = cfg.popsize + (1 if alternate else 0)  # lambda candidates (+ the mean prompt for the head)
-            reserve = 1 if cfg.use_head and not alternate else 0  # one query left for the head's inputs
+            # lambda candidates (+ the mean prompt for the head), each charged once per image part
+            cost = (cfg.popsize + (1 if alternate else 0)) * self.parts
+            reserve = self.parts if cfg.use_head and not alternate else 0  # left for the head's inputs
             generations = (budget - reserve) // cost
             for g in range(generations):
                 fitness = self.prompt_step(consistency=consistency)  # Algorithm 1, lines 5-7

@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ import torch
 
 from vlmtune.backbones import load_backbone
 from vlmtune.backbones.base import Backbone
+from vlmtune.backbones.prefix import Precision
+from vlmtune.capabilities import Capability
 from vlmtune.data import load_dataset
 from vlmtune.data.base import DatasetSplit
 from vlmtune.data.fewshot import base_new_split
@@ -45,6 +47,7 @@ from vlmtune.data.noisy import NOISY_SEP, noise_rate
 from vlmtune.features.cache import FeatureCache
 from vlmtune.methods.base import get_method, make_config
 from vlmtune.metrics import harmonic_mean
+from vlmtune.runs.executors import run_on_engine
 from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_table3, paper_004
 from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
@@ -146,7 +149,8 @@ class ProtocolSettings:
     ``jobs > 1`` runs the (method, setting, seed) jobs in that many worker processes (each loads the backbone from
     its spec and opens the same cache folder; threads are split between them). Results do not depend on ``jobs``:
     every run is seeded on its own. CUDA workers are spawned, so a script using them needs the
-    ``if __name__ == "__main__":`` guard.
+    ``if __name__ == "__main__":`` guard. ``executor`` hands the jobs to submitit instead (``slurm``; ``local``:
+    ``jobs`` subprocesses at a time; ``debug``: in this process), with the same results (``runs.executors``).
     """
 
     backbone: str | Backbone = "toy"
@@ -162,6 +166,10 @@ class ProtocolSettings:
     textgen: str = "toy"  # the text-generation backend of methods that use LLM / LMM texts (RunConfig.textgen)
     textgen_model: str | None = None
     textgen_endpoint: str | None = None
+    box_precision: Precision = "fp32"  # the local black box (RunConfig.box_precision)
+    feature_precision: Precision = "fp32"  # the image features (RunConfig.feature_precision)
+    executor: str | None = None  # run the jobs on a submitit engine: slurm, local, debug (``runs.executors``)
+    executor_options: dict[str, Any] = field(default_factory=dict)  # submitit parameters (timeout_min, ...)
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,8 @@ class _Context:
             textgen=self.settings.textgen,
             textgen_model=self.settings.textgen_model,
             textgen_endpoint=self.settings.textgen_endpoint,
+            box_precision=self.settings.box_precision,
+            feature_precision=self.settings.feature_precision,
         )
         res = run(cfg, cache=self.cache, progress=False, backbone=backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}
@@ -238,8 +248,9 @@ class _Context:
                 classifier = classifier.for_classnames(split.classnames, self.backbone)
             except (NotImplementedError, TypeError):
                 return None  # the method cannot describe classes it was not trained on
-        source = FeatureSource(self.backbone, self.cache, False)  # score_split adds patch features if needed
-        return score_split(classifier, self.backbone, split, source, False)
+        precision = self.settings.feature_precision
+        source = FeatureSource(self.backbone, self.cache, False, precision=precision)  # + patches if needed
+        return score_split(classifier, self.backbone, split, source, False, self.settings.box_precision)
 
 
 def final_pseudo_label_accuracy(rows: list[dict[str, Any]]) -> float | None:
@@ -260,8 +271,10 @@ _WORKER: dict[str, _Context] = {}  # a worker process's context, made on its fir
 
 
 def _worker(settings: ProtocolSettings, threads: int, job: _Job) -> dict[str, float | None]:
-    """Runs in a worker process: ``settings`` arrives pickled (backbone as a spec string, cache as its folder)."""
-    torch.set_num_threads(threads)
+    """Runs in a worker process: ``settings`` arrives pickled (backbone as a spec string, cache as its folder);
+    ``threads`` 0 keeps torch's default (a cluster job's own CPUs)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     if "ctx" not in _WORKER:
         assert isinstance(settings.backbone, str)
         _WORKER["ctx"] = _Context(load_backbone(settings.backbone, settings.device), settings)
@@ -278,8 +291,14 @@ def _check_jobs(jobs: list[_Job], settings: ProtocolSettings) -> None:
 
 
 def _job_key(job: _Job, settings: ProtocolSettings, spec: str) -> str:
-    """What identifies a finished job in ``jobs.jsonl``: the job, its options and the backbone."""
-    return json.dumps([dataclasses.asdict(job), settings.options.get(job.label, {}), spec], sort_keys=True)
+    """What identifies a finished job in ``jobs.jsonl``: the job, its options, the backbone and, when not fp32, the
+    precision the job's method computes at (keys written before precisions existed stay valid)."""
+    key: list[Any] = [dataclasses.asdict(job), settings.options.get(job.label, {}), spec]
+    black_box = get_method(job.name).capability is Capability.BLACK_BOX
+    precision = settings.box_precision if black_box else settings.feature_precision
+    if precision != "fp32":
+        key.append(precision)
+    return json.dumps(key, sort_keys=True)
 
 
 class _JobLog:
@@ -323,7 +342,7 @@ def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> lis
     if len(todo) < len(jobs):
         log.warning("%s: %d of %d jobs already done (%s), skipped", what, len(jobs) - len(todo), len(jobs), done.path)
     with tqdm(total=len(todo), desc=what, unit="run", disable=not settings.progress) as bar:
-        if settings.jobs <= 1 or len(todo) <= 1:
+        if settings.executor is None and (settings.jobs <= 1 or len(todo) <= 1):
             ctx = _Context(bb if isinstance(bb, Backbone) else load_backbone(spec, device), settings) if todo else None
             for i in todo:
                 assert ctx is not None
@@ -331,24 +350,50 @@ def _execute_all(jobs: list[_Job], settings: ProtocolSettings, what: str) -> lis
                 done.add(keys[i], ctx.execute(jobs[i]), time.perf_counter() - start, device)
                 bar.update()
         else:
-            threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+            local = settings.executor != "slurm"  # a cluster job keeps its own CPUs' threads
+            threads = max(1, (os.cpu_count() or 1) // max(1, settings.jobs)) if local else 0
             fn = functools.partial(_worker, dataclasses.replace(settings, backbone=spec, device=device), threads)
-            # CUDA cannot be forked; elsewhere the platform's default (fork on Linux: scripts need no main guard)
-            mp = multiprocessing.get_context("spawn" if device.startswith("cuda") else None)
-            pool = ProcessPoolExecutor(settings.jobs, mp_context=mp)
-            try:
-                start = time.perf_counter()
-                futures = {pool.submit(fn, jobs[i]): i for i in todo}
-                for n_done, future in enumerate(as_completed(futures)):
-                    # the mean wall time per job so far, times the workers: each job's share of the pool's time
-                    seconds = (time.perf_counter() - start) * settings.jobs / (n_done + 1)
-                    done.add(keys[futures[future]], future.result(), seconds, device)
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or a failed job: stop the rest now
-                raise
-            pool.shutdown()
+            parallel = _in_pool if settings.executor is None else _on_executor
+            for i, metrics, seconds in parallel(fn, [(i, jobs[i]) for i in todo], settings, device):
+                done.add(keys[i], metrics, seconds, device)
+                bar.update()
     return [(job, done.done[key]) for job, key in zip(jobs, keys, strict=True)]
+
+
+Finished = Iterator[tuple[int, dict[str, float | None], float]]  # (job index, metrics, the job's share of time)
+
+
+def _in_pool(
+    fn: Callable[[_Job], Any], todo: list[tuple[int, _Job]], settings: ProtocolSettings, device: str
+) -> Finished:
+    """The jobs in ``settings.jobs`` local worker processes, as they finish."""
+    # CUDA cannot be forked; elsewhere the platform's default (fork on Linux: scripts need no main guard)
+    mp = multiprocessing.get_context("spawn" if device.startswith("cuda") else None)
+    pool = ProcessPoolExecutor(settings.jobs, mp_context=mp)
+    try:
+        start = time.perf_counter()
+        futures = {pool.submit(fn, job): i for i, job in todo}
+        for n_done, future in enumerate(as_completed(futures)):
+            # the mean wall time per job so far, times the workers: each job's share of the pool's time
+            yield futures[future], future.result(), (time.perf_counter() - start) * settings.jobs / (n_done + 1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or a failed job: stop the rest now
+        raise
+    pool.shutdown()
+
+
+def _on_executor(
+    fn: Callable[[_Job], Any], todo: list[tuple[int, _Job]], settings: ProtocolSettings, device: str
+) -> Finished:
+    """The jobs on the submitit engine ``settings.executor``, as they finish (files in ``<out>/executor``)."""
+    assert settings.executor is not None
+    in_flight = max(1, settings.jobs) if settings.executor != "slurm" else None  # local: a process per job
+    folder = Path(settings.out or ".") / "executor"
+    start = time.perf_counter()
+    jobs = [job for _, job in todo]
+    finished = run_on_engine(fn, jobs, settings.executor, folder, settings.executor_options, in_flight)
+    for n_done, (j, metrics) in enumerate(finished):
+        yield todo[j][0], metrics, (time.perf_counter() - start) * (in_flight or 1) / (n_done + 1)
 
 
 def few_shot_sweep(

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vlmtune._io import atomic_write
 from vlmtune.backbones import load_backbone
 from vlmtune.backbones.base import Backbone, Capability
+from vlmtune.backbones.prefix import Precision, resolve_precision
 from vlmtune.blackbox.api import BlackBoxVLM, ImageRefs, QueryBudget, upload_bytes
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
@@ -86,6 +87,10 @@ class RunConfig:
         textgen_endpoint: the ``openai`` backend's URL (None = ``$VLMTUNE_TEXTGEN_ENDPOINT`` or localhost:8000).
         unlabeled_fraction: label-free methods: the share of the unlabelled images they get, a random subset drawn
             with ``seed`` (paper 004's data-amount study, Fig. 6: 1%, 20%, 100%).
+        box_precision: weights of the local black box a black-box method queries (``fp32``; ``bf16``: a bfloat16
+            copy, about 2.5x faster on AMX CPUs; ``auto``: bf16 where the device has bf16 matrix units).
+        feature_precision: weights of the image tower that extracts the other methods' features (same names;
+            part of the feature-cache keys through the weights' fingerprint).
     """
 
     method: str = "linear_probe"
@@ -107,6 +112,8 @@ class RunConfig:
     textgen_model: str | None = None
     textgen_endpoint: str | None = None
     unlabeled_fraction: float = 1.0
+    box_precision: Precision = "fp32"
+    feature_precision: Precision = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,12 +165,23 @@ class FeatureSource:
     """Backbone + dataset + cache: features of (sub)splits, each extracted once."""
 
     def __init__(
-        self, backbone: Backbone, cache: FeatureCache | None, progress: bool = True, patches: bool = False
+        self,
+        backbone: Backbone,
+        cache: FeatureCache | None,
+        progress: bool = True,
+        patches: bool = False,
+        precision: Precision = "fp32",
     ) -> None:
         self.backbone, self.cache, self.progress, self.patches = backbone, cache, progress, patches
+        self.precision = precision
+        self._encoder: Backbone | None = None  # the copy at ``precision`` (``backbone`` itself at fp32)
 
     def features(self, split: DatasetSplit) -> FeatureSet:
-        return extract_features(self.backbone, split, self.cache, patches=self.patches, progress=self.progress)
+        if self._encoder is None:  # an encoder without ``cast`` (an LMM scorer) keeps its own dtype
+            castable = self.precision != "fp32" and isinstance(self.backbone, Backbone)
+            dtype = resolve_precision(self.precision, self.backbone.device) if castable else None
+            self._encoder = self.backbone.cast(dtype) if dtype is not None else self.backbone
+        return extract_features(self._encoder, split, self.cache, patches=self.patches, progress=self.progress)
 
 
 def _shot_counts(split: DatasetSplit) -> dict[str, int]:
@@ -301,13 +319,14 @@ def split_logits(
     source: FeatureSource | None,
     progress: bool,
     box: BlackBoxVLM | None = None,
+    box_precision: Precision = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of any adapter on ``split``: black-box adapters through ``box`` (default: a fresh,
-    unmetered local box), the others from (cached) features."""
+    unmetered local box at ``box_precision``), the others from (cached) features."""
     if isinstance(classifier, BlackBoxClassifier):
         if box is None:
             assert backbone is not None
-            box = LocalBlackBox(backbone, **classifier.box_options())
+            box = LocalBlackBox(backbone, precision=box_precision, **classifier.box_options())
         bind_client_encoder(classifier, backbone.device if backbone is not None else "cpu")
         refs = upload_split(box, split, progress)
         return classifier.predict_blackbox(box, refs), refs.labels
@@ -315,16 +334,23 @@ def split_logits(
     patches = bool(getattr(classifier, "needs_patches", False))
     encoder = classifier.image_encoder(backbone)  # a tuned tower: its own features, under its own fingerprint
     if source is None or (patches and not source.patches) or source.backbone is not encoder:
-        source = FeatureSource(encoder, source.cache if source else None, progress, patches)
+        precision = source.precision if source else "fp32"
+        source = FeatureSource(encoder, source.cache if source else None, progress, patches, precision)
     data = source.features(split)
     return classifier.bind(backbone).score(data), data.labels
 
 
 def score_split(
-    classifier: Classifier, backbone: Backbone, split: DatasetSplit, source: FeatureSource | None, progress: bool
+    classifier: Classifier,
+    backbone: Backbone,
+    split: DatasetSplit,
+    source: FeatureSource | None,
+    progress: bool,
+    box_precision: Precision = "fp32",
 ) -> float:
     """Top-1 test accuracy (%) of any adapter on ``split``."""
-    return classification_metrics(*split_logits(classifier, backbone, split, source, progress))["acc1"]
+    logits = split_logits(classifier, backbone, split, source, progress, box_precision=box_precision)
+    return classification_metrics(*logits)["acc1"]
 
 
 def prepare_run_dir(folder: Path, resume: bool, overwrite: bool) -> None:
@@ -435,7 +461,7 @@ def _run_features(
     progress: bool,
     student: Backbone | None = None,
 ) -> RunResult:
-    source = FeatureSource(backbone, cache, progress, patches=method.needs_patches)
+    source = FeatureSource(backbone, cache, progress, patches=method.needs_patches, precision=cfg.feature_precision)
     task, train_split = make_task(splits, source, cfg, method)
     task = replace(task, student=student)
     watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
@@ -511,7 +537,7 @@ def _scoring_queries(box: BlackBoxVLM, split: DatasetSplit, pixel_prompts: bool 
         step = box.pixel_images_per_request(split.classnames)
         return -(-len(split) // PIXEL_CHUNK) * -(-min(PIXEL_CHUNK, len(split)) // step)
     lim = box.info().service_limits
-    per_request = max(1, min(lim.max_images, lim.max_reply_values // max(1, split.num_classes)))
+    per_request = max(1, lim.images_per_request(max(1, split.num_classes)))
     return -(-len(split) // per_request)
 
 
@@ -541,8 +567,9 @@ def _run_black_box(
     else:
         assert backbone is not None
         used = journal.queries if journal else 0
-        box = LocalBlackBox(backbone, QueryBudget(cfg.query_budget, used=used), **box_options)
-        eval_box = LocalBlackBox(backbone, **box_options)  # unmetered, separate from the training box
+        served = backbone.cast(resolve_precision(cfg.box_precision, backbone.device))  # one copy for both boxes
+        box = LocalBlackBox(served, QueryBudget(cfg.query_budget, used=used), **box_options)
+        eval_box = LocalBlackBox(served, **box_options)  # unmetered, separate from the training box
     method.hooks.journal = journal
     encoder = method.wants_encoder()
     if encoder == "" and cfg.service is not None:
