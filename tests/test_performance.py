@@ -56,11 +56,16 @@ def test_shared_prefix_equals_whole_prompts_openclip(openclip_tiny, arch):
     _check_shared_prefix(bb)
 
 
-def test_shared_prefix_falls_back_to_whole_prompts_hf(hf_tiny):
-    """A tower without a ``text_stack`` (Hugging Face CLIP here) is encoded whole: same results, no saving."""
+def test_shared_prefix_equals_whole_prompts_hf(hf_tiny):
     bb = load_backbone(f"hf:{hf_tiny[0]}", cache=False)
-    assert bb.text_stack() is None
+    assert bb.text_stack() is not None
     _check_shared_prefix(bb)
+
+
+def test_shared_prefix_falls_back_to_whole_prompts(toy, monkeypatch):
+    """A tower without a ``text_stack`` is encoded whole: same results, no saving."""
+    monkeypatch.setattr(type(toy), "text_stack", lambda self: None)
+    _check_shared_prefix(toy)
 
 
 def test_shared_prefix_length_stops_before_the_first_class_token(toy):

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.backbones.openclip import _offline
+from vlmtune.backbones.prefix import PreNormBlock, TextStack
 from vlmtune.errors import WeightsNotAvailable, require
 
 
@@ -84,6 +85,26 @@ class HFClipBackbone(Backbone):
         x = tm.final_layer_norm(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]  # (M, W)
         return self.model.text_projection(x)  # (M, D)
+
+    def text_stack(self) -> TextStack | None:
+        """CLIP's causal text encoder layers as pre-norm blocks (q, k, v projections side by side); None for an
+        encoder of another shape (then prompts are encoded whole)."""
+        tm = self.model.text_model
+        blocks = []
+        for layer in tm.encoder.layers:
+            a = getattr(layer, "self_attn", None)
+            if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads")):
+                return None
+
+            def qkv(x: torch.Tensor, a: nn.Module = a) -> torch.Tensor:
+                return torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1)  # (..., 3W)
+
+            blocks.append(PreNormBlock(layer.layer_norm1, qkv, a.out_proj, a.num_heads, layer.layer_norm2, layer.mlp))
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            return self.model.text_projection(tm.final_layer_norm(x))  # (M, W) -> (M, D)
+
+        return TextStack(tm.embeddings.position_embedding.weight, blocks, head)
 
     def visual_prompt_site(self) -> nn.Module:
         return self.model.vision_model.pre_layrnorm
