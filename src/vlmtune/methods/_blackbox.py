@@ -85,6 +85,11 @@ class ScorePart:
     scores: torch.Tensor
 
 
+def _candidates(*arrays: np.ndarray | None) -> int:
+    """C, the candidates of a request's per-candidate arrays (1 when it has none)."""
+    return next((len(a) for a in arrays if a is not None), 1)
+
+
 def score_parts(
     box: BlackBoxVLM,
     ids: Sequence[str],
@@ -100,8 +105,7 @@ def score_parts(
     never holds (C, N, K) at once (CraFT at K = 1,000: 40 x 16,000 x 1,000 scores would be 2.6 GB). Each request
     charges its candidates: C queries per image part."""
     lim = box.info().service_limits
-    k, n = len(classnames), len(ids)
-    c = next((len(a) for a in (contexts, visual_contexts, pixel_prompts) if a is not None), 1)
+    k, n, c = len(classnames), len(ids), _candidates(contexts, visual_contexts, pixel_prompts)
     pixels = int(np.prod(pixel_prompts.shape[2:])) if pixel_prompts is not None else 0
     reencoded = visual_contexts is not None
     step = max(1, min(n, lim.images_per_request(k, pixels, reencoded)))
@@ -143,9 +147,8 @@ def query_scores(
     visual_contexts: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Scores (C, N, K) from the box as a float tensor (C queries per image part: ``score_parts``)."""
-    c = next((len(a) for a in (contexts, visual_contexts) if a is not None), 1)
     parts = score_parts(box, refs.ids, classnames, template, contexts, visual_contexts)
-    return _gather(c, len(refs), len(classnames), parts)
+    return _gather(_candidates(contexts, visual_contexts), len(refs), len(classnames), parts)
 
 
 PIXEL_CHUNK = 256  # images a client prompts per pass when it scores a split with pixel prompts (BlackVIP)
