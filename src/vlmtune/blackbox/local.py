@@ -273,7 +273,7 @@ class LocalBlackBox:
         for start in range(0, n_cand, per_pass):
             stop = min(start + per_pass, n_cand)
             text = shared_text if ctx is None else self._text_features(base, eot, ctx[start:stop], add, shared)
-            img = images[None] if visual is None else self._prompted_features(visual, start, stop).to(bb.device)
+            img = images[None] if visual is None else self._prompted_features(visual, start, stop)
             c = max(text.shape[0], img.shape[0])  # text (c|1, K, D), images (c|1, N, D)
             scores = torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1))
             out.append((bb.logit_scale * scores).cpu())
@@ -301,6 +301,7 @@ class LocalBlackBox:
         return bb.encode_text_shared_prefix(embeds[:, 0, :p], embeds[:, :, p:], eot).float()  # (c, K, D)
 
     def _prompted_features(self, visual: tuple[torch.Tensor, torch.Tensor, str], start: int, stop: int) -> torch.Tensor:
+        """Candidates start..stop's own image features (c, N, D), on the model's device."""
         pixels, prompts, kind = visual
         if kind == "tokens":
             return self._visual_features(pixels, prompts[start:stop])
@@ -317,7 +318,7 @@ class LocalBlackBox:
             cols = []
             for i in range(0, len(pixels), self.image_batch):
                 x = ((raw[i : i + self.image_batch] + prompts[c, i : i + self.image_batch]).clamp(0, 1) - mean) / std
-                cols.append(self._backbone.encode_images(x.to(self._backbone.device)).float().cpu())
+                cols.append(self._backbone.encode_images(x).float())  # on the model's device
                 self.image_forwards += 1
             rows.append(torch.cat(cols))
         return torch.stack(rows)
@@ -334,5 +335,5 @@ class LocalBlackBox:
                     self._backbone.encode_images_prompted(pixels[i : i + self.image_batch], prompts[c0 : c0 + per])
                 )
                 self.image_forwards += 1
-            rows.append(torch.cat(cols, 1).float().cpu())
+            rows.append(torch.cat(cols, 1).float())  # on the model's device
         return torch.cat(rows)

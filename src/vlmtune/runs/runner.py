@@ -36,7 +36,7 @@ from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
 from vlmtune.data.fewshot import few_shot_indices
 from vlmtune.errors import VlmtuneError
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
-from vlmtune.methods._blackbox import PIXEL_CHUNK, BlackBoxClassifier
+from vlmtune.methods._blackbox import PIXEL_CHUNK, BlackBoxClassifier, image_parts
 from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
 from vlmtune.metrics import classification_metrics
 from vlmtune.pixels.data import ImageSet
@@ -536,9 +536,7 @@ def _scoring_queries(box: BlackBoxVLM, split: DatasetSplit, pixel_prompts: bool 
     if pixel_prompts and hasattr(box, "pixel_images_per_request"):
         step = box.pixel_images_per_request(split.classnames)
         return -(-len(split) // PIXEL_CHUNK) * -(-min(PIXEL_CHUNK, len(split)) // step)
-    lim = box.info().service_limits
-    per_request = max(1, lim.images_per_request(max(1, split.num_classes)))
-    return -(-len(split) // per_request)
+    return image_parts(box, len(split), max(1, split.num_classes))
 
 
 def _run_black_box(
