@@ -35,9 +35,10 @@ def child(setting: str, classes: int, shots: int, arch: str, precision: str, dev
     from vlmtune import load_backbone
     from vlmtune.blackbox.api import ImageRefs, ServiceLimits
     from vlmtune.blackbox.local import LocalBlackBox
-    from vlmtune.methods._blackbox import query_scores
-    from vlmtune.methods.base import Task, get_method, make_config
-    from vlmtune.methods.craft import CollaborativeTrainer
+    from vlmtune.methods.api import Task
+    from vlmtune.methods.blackbox.base import query_scores
+    from vlmtune.methods.blackbox.craft import CollaborativeTrainer
+    from vlmtune.methods.registry import get_method, make_config
 
     torch.set_num_threads(torch.get_num_threads())
     torch.manual_seed(0)

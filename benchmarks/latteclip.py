@@ -18,7 +18,7 @@ import time
 
 from vlmtune import load_backbone, load_dataset
 from vlmtune.features import FeatureCache, extract_features
-from vlmtune.methods._contrastive import epochs_for
+from vlmtune.methods.labelfree.contrastive import epochs_for
 from vlmtune.runs.runner import RunConfig, run
 
 

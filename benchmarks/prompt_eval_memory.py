@@ -25,7 +25,7 @@ def child(classes: int, images: int, bounded: bool, arch: str, device: str) -> N
     import torch.nn.functional as F
 
     from vlmtune import load_backbone
-    from vlmtune.methods.cocoop import CoCoOpClassifier
+    from vlmtune.methods.prompt.cocoop import CoCoOpClassifier
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

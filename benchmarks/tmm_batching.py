@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune import load_backbone
-from vlmtune.methods.tmm import TMMClassifier
+from vlmtune.methods.prompt.tmm import TMMClassifier
 
 
 def main() -> None:

@@ -149,7 +149,8 @@ def toy_setup(toy):
     from vlmtune.blackbox.local import LocalBlackBox
     from vlmtune.capabilities import Capability
     from vlmtune.data import few_shot
-    from vlmtune.methods.base import Task, get_method, make_config
+    from vlmtune.methods.api import Task
+    from vlmtune.methods.registry import get_method, make_config
     from vlmtune.runs.runner import (
         FeatureSource,
         RunConfig,

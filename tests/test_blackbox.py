@@ -11,7 +11,7 @@ import torch
 from vlmtune.blackbox.api import BudgetExceeded, PredictRequest, QueryBudget
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import load_dataset
-from vlmtune.methods._text import class_text_weights
+from vlmtune.methods.common.text import class_text_weights
 
 
 @pytest.fixture(scope="module")

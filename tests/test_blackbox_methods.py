@@ -8,7 +8,8 @@ import torch
 from vlmtune.blackbox.api import QueryBudget
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import few_shot, load_dataset
-from vlmtune.methods.base import Task, get_method, make_config
+from vlmtune.methods.api import Task
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.metrics import accuracy
 from vlmtune.runs.runner import RunConfig, run, upload_split
 
@@ -160,18 +161,19 @@ def test_a_damaged_journal_is_refused(tmp_path, damage):
 
 
 def test_craft_artifact_is_under_1mb_for_100_classes_and_round_trips(tmp_path):
-    from vlmtune.methods._refine import RefinementHead
-    from vlmtune.methods.base import load_classifier
-    from vlmtune.methods.craft import CraftClassifier
+    from vlmtune.methods.blackbox.base import BlackBoxClassifier
+    from vlmtune.methods.blackbox.refine import RefinementHead
+    from vlmtune.methods.registry import load_classifier
 
     meta = {"k": 100, "hidden": 512, "layers": 3, "residual": True}  # the paper's head
-    clf = CraftClassifier(
+    clf = BlackBoxClassifier(
         [f"class {i}" for i in range(100)],
         "a photo of a {}.",
         torch.randn(4, 512) * 0.01,
         RefinementHead(100, 512, 3),
         meta,
     )
+    clf.method = "craft"
     clf.save(tmp_path, backbone="openclip:ViT-B-32@openai")
     size = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert size < 1_000_000

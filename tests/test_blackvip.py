@@ -10,8 +10,8 @@ from conftest import key_box, running_server
 from vlmtune.blackbox.api import BudgetExceeded, ImageRefs, PredictRequest, QueryBudget, ServiceLimits, image_bytes
 from vlmtune.blackbox.local import LocalBlackBox, pixel_affine
 from vlmtune.data import load_dataset
-from vlmtune.methods.base import Task, load_classifier, make_config
-from vlmtune.methods.blackvip import (
+from vlmtune.methods.api import Task
+from vlmtune.methods.blackbox.blackvip import (
     BlackVIP,
     BlackVIPClassifier,
     Coordinator,
@@ -20,6 +20,7 @@ from vlmtune.methods.blackvip import (
     segmented_uniform,
     upsamplings_for,
 )
+from vlmtune.methods.registry import load_classifier, make_config
 
 NAMES = ["circle", "square", "triangle"]
 KEY, RUN_KEY = "pixel-key-0123456789abcdef", "pixel-run-key-0123456789ab"

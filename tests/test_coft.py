@@ -11,10 +11,10 @@ from tests.conftest import FAST_COFT
 
 from vlmtune import load_dataset
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods._coft import DualLoss, Encoded, collaborative_filter, dual_loss
-from vlmtune.methods._text import read_descriptions
-from vlmtune.methods.base import get_method, load_classifier, make_config
-from vlmtune.methods.coft import ABLATIONS
+from vlmtune.methods.common.text import read_descriptions
+from vlmtune.methods.labelfree.coft.methods import ABLATIONS
+from vlmtune.methods.labelfree.coft.phases import DualLoss, Encoded, collaborative_filter, dual_loss
+from vlmtune.methods.registry import get_method, load_classifier, make_config
 from vlmtune.runs.runner import RunConfig, run, score_split
 
 

@@ -10,8 +10,8 @@ from tests.conftest import FAST_OPTIONS, capture_task
 
 from vlmtune.data.templates import DEFAULT_TEMPLATE
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods._prompt import Schedule
-from vlmtune.methods._pseudo import (
+from vlmtune.methods.common.prompt import Schedule
+from vlmtune.methods.common.pseudo import (
     candidate_sets,
     candidate_targets,
     fill_top_k,
@@ -19,7 +19,7 @@ from vlmtune.methods._pseudo import (
     split_validation,
     top_k_per_class,
 )
-from vlmtune.methods.base import list_methods
+from vlmtune.methods.registry import list_methods
 from vlmtune.runs.runner import RunConfig, run
 
 LABEL_FREE = [m.name for m in list_methods() if not m.needs_labels and m.needs_train]

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import FAST_OPTIONS
 
-from vlmtune.methods._propagation import default_cut, diffuse, knn_graph, projection, propagate
-from vlmtune.methods.lmm_zeroshot import match_answer
+from vlmtune.methods.frozen.lmm_zeroshot import match_answer
+from vlmtune.methods.labelfree.propagation import default_cut, diffuse, knn_graph, projection, propagate
 from vlmtune.runs.runner import RunConfig, run
 from vlmtune.textgen.backends.toy import ToyBackend
 from vlmtune.textgen.base import GenRequest

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from conftest import FAST_OPTIONS
 from vlmtune.data import load_dataset
-from vlmtune.methods._contrastive import clip_loss, epochs_for
-from vlmtune.methods._text import class_text_weights
-from vlmtune.methods.base import get_method, make_config
-from vlmtune.methods.latteclip import ABLATIONS, mixed_text, mixer_weights, momentum_update, prototype_text
+from vlmtune.methods.common.text import class_text_weights
+from vlmtune.methods.labelfree.contrastive import clip_loss, epochs_for
+from vlmtune.methods.labelfree.latteclip import ABLATIONS, mixed_text, mixer_weights, momentum_update, prototype_text
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.runs.protocols import final_pseudo_label_accuracy
 from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, run
 

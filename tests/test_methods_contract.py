@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmtune.methods.base import Classifier, list_methods, load_classifier, make_config
+from vlmtune.methods.api import Classifier
+from vlmtune.methods.registry import list_methods, load_classifier, make_config
 from vlmtune.metrics import accuracy
 
 METHODS = [m.name for m in list_methods()]
@@ -60,8 +61,8 @@ def test_new_class_names_where_allowed(name, toy_setup, toy):
 
 
 def test_config_overrides_from_strings():
-    from vlmtune.methods.linear_probe import LinearProbe
-    from vlmtune.methods.zeroshot import ZeroShot
+    from vlmtune.methods.frozen.linear_probe import LinearProbe
+    from vlmtune.methods.frozen.zeroshot import ZeroShot
 
     assert make_config(ZeroShot, {"ensemble": "true"}).ensemble is True
     cfg = make_config(LinearProbe, {"lr": "0.01", "reg_grid": "[0.5, 1]"})

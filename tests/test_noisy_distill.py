@@ -15,7 +15,7 @@ from vlmtune import load_backbone, load_dataset
 from vlmtune.cli import main
 from vlmtune.data.noisy import noise_rate, pairflip, read_cifar100n
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods.base import load_classifier
+from vlmtune.methods.registry import load_classifier
 from vlmtune.runs.protocols import ProtocolSettings, noisy_labels
 from vlmtune.runs.runner import RunConfig, run
 

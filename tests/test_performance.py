@@ -15,8 +15,9 @@ from vlmtune.blackbox.api import ImageRefs, PredictRequest, QueryBudget, Service
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.data import load_dataset
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods._blackbox import query_scores, score_parts
-from vlmtune.methods.base import Task, get_method, make_config
+from vlmtune.methods.api import Task
+from vlmtune.methods.blackbox.base import query_scores, score_parts
+from vlmtune.methods.registry import get_method, make_config
 
 NAMES = ["circle", "square", "triangle", "star", "cross", "red circle", "big blue square"]
 
@@ -171,7 +172,7 @@ def test_patch_features_are_held_in_float16_and_score_as_in_float32(toy):
     """TMM's patch features (the largest tensor of a run: 10 GB instead of 20 GB for 50,000 images at ViT-B/16)
     are stored in float16; the scorer casts a pass at a time and gives the logits of float32 patches."""
     from vlmtune.features import extract_features
-    from vlmtune.methods.tmm import TMMClassifier
+    from vlmtune.methods.prompt.tmm import TMMClassifier
 
     split = load_dataset("toy:shapes")["test"].subset(list(range(24)))
     data = extract_features(toy, split, patches=True, progress=False)

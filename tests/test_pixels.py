@@ -174,14 +174,14 @@ def test_ema_encoder_and_moco_queue():
 def test_visual_grip_trains_from_pixels_and_its_adapter_carries_the_tower(toy, tmp_path, monkeypatch):
     from vlmtune.cli import main
     from vlmtune.features import FeatureCache
-    from vlmtune.methods.base import load_classifier
+    from vlmtune.methods.registry import load_classifier
 
     monkeypatch.chdir(tmp_path)
     cache = FeatureCache(tmp_path / "cache")
     cfg = RunConfig(method="grip", dataset="toy:shapes-noisy", options=FAST_VISUAL)
     result = run(cfg, tmp_path / "run", cache=cache, backbone=toy, progress=False)
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
-    assert meta["classifier"] == "GRIPVisualClassifier" and meta["settings"]["tuning"]["mode"] == "vpt-shallow"
+    assert meta["classifier"] == "TowerClassifier" and meta["settings"]["tuning"]["mode"] == "vpt-shallow"
     tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
     assert [k for k in tensors if k.startswith("tower.")] == ["tower.vlmtune_visual_prompts.tokens"]
     assert result.pseudo_labels[-1]["round"] == 2  # two iterations, relabelled through the tuned tower
@@ -212,7 +212,7 @@ def test_visual_grip_trains_from_pixels_and_its_adapter_carries_the_tower(toy, t
 
 @pytest.mark.parametrize("shots", [0, 2])
 def test_pixel_methods_get_images_without_labels(toy, shots, monkeypatch):
-    from vlmtune.methods.fpl import GRIP
+    from vlmtune.methods.labelfree.grip import GRIP
 
     seen = capture_task(monkeypatch, GRIP)
     options = {**FAST_VISUAL, "iterations": 1, "epochs": 1}

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtune.methods.base import make_config
-from vlmtune.methods.proda import ProDA, ProDAClassifier, diversity_loss, gaussian_logits, position_counts
+from vlmtune.methods.prompt.proda import ProDA, ProDAClassifier, diversity_loss, gaussian_logits, position_counts
+from vlmtune.methods.registry import make_config
 
 
 def _explicit(scale, f, w, labels, diagonal=False):

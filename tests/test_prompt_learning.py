@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vlmtune.features.cache import FeatureCache
-from vlmtune.methods._prompt import PromptAssembler
-from vlmtune.methods.tmm import class_aware_prompts, text_guided_features
+from vlmtune.methods.common.prompt import PromptAssembler
+from vlmtune.methods.prompt.tmm import class_aware_prompts, text_guided_features
 from vlmtune.runs.protocols import ProtocolSettings, base_to_new, few_shot_sweep, transfer
 from vlmtune.runs.runner import RunConfig, run
 
@@ -53,7 +53,7 @@ def test_prompt_assembler_places_context_and_class_tokens(toy):
 
 def test_tmm_without_ctp_and_tft_is_coop_scaled(toy):
     """With both modules off, Eq. (11) reduces to s (1 + lambda) cos(f, G(p_i))."""
-    from vlmtune.methods.tmm import TMMClassifier
+    from vlmtune.methods.prompt.tmm import TMMClassifier
 
     settings = {"n_ctx": 4, "position": "end", "embed_dim": 128, "width": 128, "lam": 0.2, "ctp": "none"}
     settings |= {"tft": "none", "scale": 10.0}
@@ -71,7 +71,7 @@ def test_tmm_without_ctp_and_tft_is_coop_scaled(toy):
 def test_image_conditioned_prompts_bound_the_sequences_per_pass_with_the_same_logits(toy, method):
     """K prompts per image: a pass holds eval_prompts // K images (one at 1,000 classes and the budget below);
     the logits do not depend on it."""
-    from vlmtune.methods.base import get_method
+    from vlmtune.methods.registry import get_method
 
     cls = get_method(method).classifier
     names = [f"class {i}" for i in range(48)]
@@ -164,8 +164,9 @@ def test_protocol_jobs_in_processes_match_serial(toy, tmp_path):
 
 def test_lr_follows_the_linear_scaling_rule_from_the_papers_batch():
     from vlmtune.features.extract import FeatureSet
-    from vlmtune.methods._prompt_clf import schedule_for
-    from vlmtune.methods.base import Task, get_method, make_config
+    from vlmtune.methods.api import Task
+    from vlmtune.methods.common.prompt_classifier import schedule_for
+    from vlmtune.methods.registry import get_method, make_config
 
     train = FeatureSet(torch.zeros(32, 8), torch.arange(32) % 2)
     task = Task(classnames=["a", "b"], templates=["{}"], train=train)
@@ -179,7 +180,7 @@ def test_lr_follows_the_linear_scaling_rule_from_the_papers_batch():
 
 
 def test_cli_strings_become_option_types():
-    from vlmtune.methods.base import get_method, make_config
+    from vlmtune.methods.registry import get_method, make_config
 
     cfg = make_config(get_method("coop"), {"ctx_init": "a photo of a", "n_ctx": "4", "epochs": "none"})
     assert (cfg.ctx_init, cfg.n_ctx, cfg.epochs) == ("a photo of a", 4, None)
@@ -216,7 +217,7 @@ def test_prompt_learners_follow_the_token_embedding_scale(toy):
     toy model once steps and init follow the embedding scale; with the papers' raw values it barely moves."""
     from vlmtune.backbones.toy import ToyBackbone, bundled_weights_dir
     from vlmtune.data import load_dataset
-    from vlmtune.methods._prompt import token_ratio, token_scale
+    from vlmtune.methods.common.prompt import token_ratio, token_scale
 
     class Scaled(ToyBackbone):
         def embed_tokens(self, tokens):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vlmtune.cli import main
-from vlmtune.methods.base import get_method, make_config
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.reproduce import RECIPES, Reproduction, Selection, plan, unavailable_rows
 from vlmtune.reproduce.plan import backbone_missing
 from vlmtune.runs.paper_tables import paper_table, table_keys

@@ -22,7 +22,8 @@ from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.blackbox.server import create_app
 from vlmtune.blackbox.wire import encode_array
 from vlmtune.data import few_shot, load_dataset
-from vlmtune.methods.base import Task, get_method, make_config
+from vlmtune.methods.api import Task
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.runs.runner import upload_split
 
 KEYS = {"shared-key-0123456789": 120, "big-key-0123456789ab": None, "tiny-key-0123456789a": 1}

@@ -348,9 +348,9 @@ def test_cli_textgen_fills_the_cache_and_reruns_from_it(tmp_path, capsys):
 
 
 def test_coft_plus_pseudo_labels_with_generated_templates(toy, toy_gen, shapes_train):
-    from vlmtune.methods._text import class_text_weights
-    from vlmtune.methods.base import Task
-    from vlmtune.methods.coft import CoFTPlus, CoFTPlusConfig
+    from vlmtune.methods.api import Task
+    from vlmtune.methods.common.text import class_text_weights
+    from vlmtune.methods.labelfree.coft.methods import CoFTPlus, CoFTPlusConfig
 
     stage = TextStage("toy", progress=False, _generator=toy_gen)
     task = Task(shapes_train.classnames, shapes_train.templates, texts=DatasetTexts(stage, small(shapes_train, 2)))

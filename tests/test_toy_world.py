@@ -6,7 +6,7 @@ import torch
 
 from vlmtune.backbones.toy import bundled_weights_dir
 from vlmtune.data.fewshot import base_new_classes
-from vlmtune.methods.base import get_method
+from vlmtune.methods.registry import get_method
 from vlmtune.metrics import accuracy
 from vlmtune.toy.tasks import TOY_TASKS, TOYNET_VARIANTS, get_task
 from vlmtune.toy.tokenizer import ToyTokenizer

@@ -9,7 +9,8 @@ import torch
 from vlmtune import load_backbone, load_dataset
 from vlmtune.blackbox.api import PredictRequest, QueryBudget
 from vlmtune.blackbox.local import LocalBlackBox
-from vlmtune.methods.base import Task, get_method, load_classifier, make_config
+from vlmtune.methods.api import Task
+from vlmtune.methods.registry import get_method, load_classifier, make_config
 from vlmtune.runs.runner import RunConfig, run, upload_split
 
 

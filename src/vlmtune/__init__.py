@@ -10,7 +10,8 @@ from vlmtune.backbones.base import Backbone, Capability
 from vlmtune.data import DatasetSplit, base_new_split, few_shot, few_shot_indices, list_datasets, load_dataset
 from vlmtune.errors import CorruptImage, DatasetNotFound, UnknownName, VlmtuneError, WeightsNotAvailable
 from vlmtune.features import FeatureCache, FeatureSet, extract_features
-from vlmtune.methods.base import Classifier, Method, Task, get_method, list_methods, load_classifier, register_method
+from vlmtune.methods.api import Classifier, Method, Task
+from vlmtune.methods.registry import get_method, list_methods, load_classifier, register_method
 from vlmtune.runs.runner import RunConfig, RunResult, run
 
 __version__ = "0.1.0"

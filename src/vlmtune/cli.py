@@ -142,7 +142,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 # ---- eval ----------------------------------------------------------------------------------------------------
 def _load_run(folder: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    from vlmtune.methods.base import load_classifier
+    from vlmtune.methods.registry import load_classifier
 
     adapter = folder / "adapter" if (folder / "adapter" / "adapter.json").is_file() else folder
     if not (adapter / "adapter.json").is_file():
@@ -165,8 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlmtune.backbones import load_backbone
     from vlmtune.data import base_new_split, load_dataset
     from vlmtune.data.templates import DEFAULT_TEMPLATE
-    from vlmtune.methods.base import Task
-    from vlmtune.methods.zeroshot import zero_shot_classifier
+    from vlmtune.methods.api import Task
+    from vlmtune.methods.frozen.zeroshot import zero_shot_classifier
     from vlmtune.metrics import classification_metrics
     from vlmtune.runs.runner import FeatureSource, open_cache, split_logits
 
@@ -376,8 +376,8 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from vlmtune.backbones import EXAMPLE_SPECS
     from vlmtune.data import list_datasets
-    from vlmtune.methods._options import describe
-    from vlmtune.methods.base import list_methods
+    from vlmtune.methods.options import describe
+    from vlmtune.methods.registry import list_methods
 
     what = args.what
     if what in ("all", "methods"):

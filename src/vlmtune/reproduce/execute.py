@@ -21,7 +21,7 @@ from typing import Any
 
 from vlmtune._io import atomic_write
 from vlmtune.features.cache import FeatureCache
-from vlmtune.methods.base import get_method
+from vlmtune.methods.registry import get_method
 from vlmtune.metrics import harmonic_mean
 from vlmtune.reproduce.plan import Group
 from vlmtune.reproduce.recipes import Recipe, Row

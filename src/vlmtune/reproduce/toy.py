@@ -46,7 +46,7 @@ TOY_CLIENT_ENCODER = "toy:small"  # BlackVIP's client-side encoder on the toy wo
 def toy_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """A row's options for the toy model: a prompt longer than ``TOY_MAX_CTX`` (given or the method's default) is
     capped (the run's settings.json records the options used)."""
-    from vlmtune.methods.base import get_method, make_config
+    from vlmtune.methods.registry import get_method, make_config
 
     out = dict(options)
     n_ctx = getattr(make_config(get_method(method), out), "n_ctx", None)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmtune._io import atomic_write, file_sha256
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods.craft import GenerationRecord
+from vlmtune.methods.blackbox.craft import GenerationRecord
 
 VERSION = 2
 _CHUNK = re.compile(r"chunk_(\d{4,})\.json")

@@ -45,7 +45,7 @@ from vlmtune.data.base import DatasetSplit
 from vlmtune.data.fewshot import base_new_split
 from vlmtune.data.noisy import NOISY_SEP, noise_rate
 from vlmtune.features.cache import FeatureCache
-from vlmtune.methods.base import get_method, make_config
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.metrics import harmonic_mean
 from vlmtune.runs.executors import run_on_engine
 from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_table3, paper_004

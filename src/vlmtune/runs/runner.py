@@ -36,8 +36,9 @@ from vlmtune.data import DatasetSplit, base_new_split, few_shot, load_dataset
 from vlmtune.data.fewshot import few_shot_indices
 from vlmtune.errors import VlmtuneError
 from vlmtune.features import FeatureCache, FeatureSet, default_cache_dir, extract_features
-from vlmtune.methods._blackbox import PIXEL_CHUNK, BlackBoxClassifier, image_parts
-from vlmtune.methods.base import Classifier, Method, Task, get_method, make_config
+from vlmtune.methods.api import Classifier, Method, Task
+from vlmtune.methods.blackbox.base import PIXEL_CHUNK, BlackBoxClassifier, image_parts
+from vlmtune.methods.registry import get_method, make_config
 from vlmtune.metrics import classification_metrics
 from vlmtune.pixels.data import ImageSet
 from vlmtune.pixels.dist import device_for, init_from_env

@@ -22,7 +22,7 @@ from vlmtune.backbones import load_backbone
 from vlmtune.data import DatasetSplit, load_dataset
 from vlmtune.errors import UnknownName, VlmtuneError
 from vlmtune.features import FeatureCache, extract_features
-from vlmtune.methods._text import class_text_weights
+from vlmtune.methods.common.text import class_text_weights
 from vlmtune.textgen import DatasetTexts, Prompts, TextCache, TextStage
 
 TEXTGEN_KINDS = ("image", "group", "class", "templates")
