@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Precision = Literal["fp32", "bf16", "auto"]
+from vlmtune.settings import Precision
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 

@@ -147,3 +147,23 @@ def filter_preset(preset: Mapping[str, Any], cls: type) -> dict[str, Any]:
     """The part of a preset that ``cls`` has fields for (BBT shares CraFT's presets minus the head)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in preset.items() if k in names}
+
+
+def options_schema(methods: list[Any]) -> dict[str, Any]:
+    """A JSON schema of a config file's ``options`` table: per method (a registry entry with ``name``,
+    ``config_cls`` and ``presets``) its options with types, defaults, ranges and docs, plus ``preset``."""
+    schemas: dict[str, Any] = {}
+    for m in methods:
+        schema = pydantic.TypeAdapter(m.config_cls).json_schema(mode="serialization")
+        props = schema.setdefault("properties", {})
+        props["preset"] = {"type": "string", "description": "a named option set", "enum": list(m.presets)}
+        schema["required"] = []
+        schema["additionalProperties"] = False
+        schemas[m.name] = schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "vlmtune method options",
+        "type": "object",
+        "properties": schemas,
+        "additionalProperties": False,
+    }

@@ -74,8 +74,10 @@ def get_method(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def regime_of(method: type[Method]) -> str:
-    """The regime package a method lives in (``"plugin"`` for one registered from elsewhere)."""
+def regime_of(method: type[Method] | str) -> str:
+    """The regime package a method (class or registered name) lives in (``"plugin"``: registered from elsewhere)."""
+    if isinstance(method, str):
+        method = get_method(method)
     parts = method.__module__.split(".")
     return parts[2] if len(parts) > 3 and parts[:2] == ["vlmtune", "methods"] and parts[2] in REGIMES else "plugin"
 

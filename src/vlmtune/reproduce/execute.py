@@ -30,24 +30,22 @@ from vlmtune.runs import protocols
 from vlmtune.runs.protocols import ProtocolResult, ProtocolSettings
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
+from vlmtune.settings import ExecSettings, exec_of
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunSettings:
+@dataclass(frozen=True)
+class RunSettings(ExecSettings):
     """How the groups run (the ``ProtocolSettings`` every group shares) and the user's per-row option overrides."""
 
     out: Path
     cache: FeatureCache | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # row label -> options over the recipe's
     jobs: int = 1
-    device: str = "cpu"
-    data_root: str | None = None
     progress: bool = True
-    textgen: str = "toy"
-    textgen_model: str | None = None
-    textgen_endpoint: str | None = None
+    executor: str | None = None  # ProtocolSettings.executor
+    executor_options: dict[str, Any] = field(default_factory=dict)
     toy: bool = False  # the recipe mapped onto the toy world (options fitted to the toy model)
 
 
@@ -223,13 +221,11 @@ def execute(
             options=options,
             progress=settings.progress,
             jobs=settings.jobs,
-            device=settings.device,
-            data_root=settings.data_root,
             out=settings.out / "jobs" / group.slug,
             resume=True,
-            textgen=settings.textgen,
-            textgen_model=settings.textgen_model,
-            textgen_endpoint=settings.textgen_endpoint,
+            executor=settings.executor,
+            executor_options=settings.executor_options,
+            **exec_of(settings),
         )
         try:
             _collect(rep, group, _call(group, ps))
@@ -264,9 +260,7 @@ def write(rep: Reproduction, groups: list[Group], settings: RunSettings) -> Path
         "toy": settings.toy,
         "groups": [_group_json(g, settings) for g in groups],
         "failed": [{"group": g.slug, "error": e} for g, e in rep.failed],
-        "device": settings.device,
-        "data_root": settings.data_root,
-        "textgen": {"backend": settings.textgen, "model": settings.textgen_model},
+        **exec_of(settings),
         **provenance(),
     }
     save("settings.json", json.dumps(info, indent=1))

@@ -38,7 +38,6 @@ import torch
 
 from vlmtune.backbones import load_backbone
 from vlmtune.backbones.base import Backbone
-from vlmtune.backbones.prefix import Precision
 from vlmtune.capabilities import Capability
 from vlmtune.data import load_dataset
 from vlmtune.data.base import DatasetSplit
@@ -52,6 +51,7 @@ from vlmtune.runs.paper_tables import paper_003, paper_003_table2, paper_003_tab
 from vlmtune.runs.plots import pyplot
 from vlmtune.runs.report import fmt_mean_std, markdown_table
 from vlmtune.runs.runner import FeatureSource, RunConfig, run, score_split
+from vlmtune.settings import ExecSettings, exec_of
 
 log = logging.getLogger(__name__)
 Options = dict[str, dict[str, Any]]  # method (or variant label) -> its options
@@ -142,8 +142,8 @@ def _plot_sweep(result: ProtocolResult, path: Path) -> None:
     plt.close(fig)
 
 
-@dataclass
-class ProtocolSettings:
+@dataclass(frozen=True)
+class ProtocolSettings(ExecSettings):
     """What every protocol shares: the backbone, the feature cache, per-method options and how to run the jobs.
 
     ``jobs > 1`` runs the (method, setting, seed) jobs in that many worker processes (each loads the backbone from
@@ -151,6 +151,7 @@ class ProtocolSettings:
     every run is seeded on its own. CUDA workers are spawned, so a script using them needs the
     ``if __name__ == "__main__":`` guard. ``executor`` hands the jobs to submitit instead (``slurm``; ``local``:
     ``jobs`` subprocesses at a time; ``debug``: in this process), with the same results (``runs.executors``).
+    The ``ExecSettings`` fields (device: used when ``backbone`` is a spec string) go to every run.
     """
 
     backbone: str | Backbone = "toy"
@@ -158,16 +159,8 @@ class ProtocolSettings:
     options: Options = field(default_factory=dict)
     progress: bool = True
     jobs: int = 1
-    device: str = "cpu"  # used when ``backbone`` is a spec string
-    data_root: str | None = None  # folder of the real datasets (default: $VLMTUNE_DATA or ./data)
-    skip_corrupt: bool = False
     out: str | Path | None = None  # each finished job is appended to <out>/jobs.jsonl as it ends
     resume: bool = False  # skip the jobs <out>/jobs.jsonl already holds (same method, options, data, seed)
-    textgen: str = "toy"  # the text-generation backend of methods that use LLM / LMM texts (RunConfig.textgen)
-    textgen_model: str | None = None
-    textgen_endpoint: str | None = None
-    box_precision: Precision = "fp32"  # the local black box (RunConfig.box_precision)
-    feature_precision: Precision = "fp32"  # the image features (RunConfig.feature_precision)
     executor: str | None = None  # run the jobs on a submitit engine: slurm, local, debug (``runs.executors``)
     executor_options: dict[str, Any] = field(default_factory=dict)  # submitit parameters (timeout_min, ...)
 
@@ -223,15 +216,8 @@ class _Context:
             seed=job.seed,
             subsample=job.subsample,
             options=self.settings.options.get(job.label, {}),
-            device=str(self.backbone.device),
-            data_root=self.settings.data_root,
-            skip_corrupt=self.settings.skip_corrupt,
             unlabeled_fraction=job.fraction,
-            textgen=self.settings.textgen,
-            textgen_model=self.settings.textgen_model,
-            textgen_endpoint=self.settings.textgen_endpoint,
-            box_precision=self.settings.box_precision,
-            feature_precision=self.settings.feature_precision,
+            **(exec_of(self.settings) | {"device": str(self.backbone.device)}),
         )
         res = run(cfg, cache=self.cache, progress=False, backbone=backbone, splits=self.data(job.dataset))
         out: dict[str, float | None] = {"test": res.accuracy["test"]}

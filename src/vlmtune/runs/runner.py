@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
 from vlmtune.runs.textgen import text_cache_for
 from vlmtune.runs.training_log import TrainingLog
+from vlmtune.settings import ExecSettings, parse_settings
 from vlmtune.textgen import DatasetTexts, TextStage
 from vlmtune.textgen.backends import model_name
 
@@ -56,7 +57,7 @@ RUN_MARKERS = ("config.json", "results.json", "adapter", "state")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(ExecSettings):
     """Everything that determines a run's result.
 
     Attributes:
@@ -70,9 +71,6 @@ class RunConfig:
         options: method config overrides (``preset`` picks a named option set).
         subsample: ``all``, ``base`` or ``new`` classes (CoOp's base-to-new rule).
         val_shots: validation images per class for model selection (None = min(shots, 4); 0 = no validation).
-        data_root: folder holding the real datasets (None = ``$VLMTUNE_DATA`` or ``./data``).
-        device: torch device for the backbone (``auto`` = cuda / mps / cpu).
-        skip_corrupt: drop unreadable images (each logged) instead of failing on the first one.
         curve_every: for black-box methods, score the current adapter on test every this many queries
             (accuracy-vs-queries curve; test scoring uses a separate box and never feeds back into training).
         query_budget: hard limit of the black box a ``BLACK_BOX`` method trains against (None = unlimited; the
@@ -82,16 +80,9 @@ class RunConfig:
         student: distillation (methods with ``supports_student``, CoFT): the backbone whose image tower the method
             fine-tunes, while ``backbone`` (the teacher) pseudo-labels; the adapter is scored and saved for the
             student.
-        textgen: the text-generation backend of methods that use LLM / LMM texts (``toy``, ``openai``,
-            ``transformers``; ``vlmtune.textgen``); texts come from the cache when they are there.
-        textgen_model: its model (None = the backend's default: the bundled toy describer for ``toy``).
-        textgen_endpoint: the ``openai`` backend's URL (None = ``$VLMTUNE_TEXTGEN_ENDPOINT`` or localhost:8000).
         unlabeled_fraction: label-free methods: the share of the unlabelled images they get, a random subset drawn
             with ``seed`` (paper 004's data-amount study, Fig. 6: 1%, 20%, 100%).
-        box_precision: weights of the local black box a black-box method queries (``fp32``; ``bf16``: a bfloat16
-            copy, about 2.5x faster on AMX CPUs; ``auto``: bf16 where the device has bf16 matrix units).
-        feature_precision: weights of the image tower that extracts the other methods' features (same names;
-            part of the feature-cache keys through the weights' fingerprint).
+        (and every ``ExecSettings`` field: device, data_root, skip_corrupt, precisions, textgen).
     """
 
     method: str = "linear_probe"
@@ -102,28 +93,20 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     subsample: str = "all"
     val_shots: int | None = None
-    data_root: str | None = None
-    device: str = "cpu"
-    skip_corrupt: bool = False
     query_budget: int | None = None
     curve_every: int | None = None
     service: str | None = None
     student: str | None = None
-    textgen: str = "toy"
-    textgen_model: str | None = None
-    textgen_endpoint: str | None = None
     unlabeled_fraction: float = 1.0
-    box_precision: Precision = "fp32"
-    feature_precision: Precision = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunConfig:
-        """From ``config.json`` (extra keys such as ``method_config`` are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """From ``config.json`` or a config file: unknown keys and wrong types are errors (``method_config``, which
+        a run directory's config.json also holds, is ignored)."""
+        return parse_settings(cls, data, "run config", ignore=("method_config",))
 
 
 @dataclass

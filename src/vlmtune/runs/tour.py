@@ -70,8 +70,13 @@ FULL = TourPlan(
 )
 
 
-def run_tour(plan: TourPlan, backbone: str, cache: FeatureCache | None, progress: bool, out: Path) -> str:
-    """Run the plan, write ``results.md`` / ``results.json`` into ``out``, return the Markdown table."""
+def run_tour(
+    plan: TourPlan, backbone: str, cache: FeatureCache | None, progress: bool, out: Path, **settings: Any
+) -> str:
+    """Run the plan, write ``results.md`` / ``results.json`` into ``out``, return the Markdown table.
+
+    ``settings``: ``ExecSettings`` fields (device, data_root, precisions, ...) for every run.
+    """
     rows, records = [], []
     for task, shift in plan.tasks:
         splits = load_dataset(task)
@@ -81,7 +86,13 @@ def run_tour(plan: TourPlan, backbone: str, cache: FeatureCache | None, progress
             seeds = plan.seeds if method != "zeroshot" else plan.seeds[:1]  # zero-shot has no randomness
             for seed in seeds:
                 cfg = RunConfig(
-                    method=method, dataset=task, backbone=backbone, shots=plan.shots, seed=seed, options=options
+                    method=method,
+                    dataset=task,
+                    backbone=backbone,
+                    shots=plan.shots,
+                    seed=seed,
+                    options=options,
+                    **settings,
                 )
                 res = run(cfg, cache=cache, progress=progress, splits=splits)
                 accs.append(res.accuracy["test"])

@@ -6,6 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from vlmtune.cli.common import (
+    Command,
+    add_exec_flags,
+    exec_settings,
+    json_or_text,
+    method_options,
+    parse_pairs,
+    progress,
+)
 from vlmtune.errors import VlmtuneError
 
 EXAMPLES = """Examples:
@@ -19,7 +28,7 @@ Results: <out>/results.md (ours / paper / difference per cell), results.csv, res
 group's finished jobs in <out>/jobs/ (a rerun of the same command resumes)."""
 
 
-def add_parser(command: Any, textgen_args: Any) -> None:
+def add(command: Command) -> None:
     p = command(
         "reproduce",
         help="one command per table of the five papers: our numbers beside theirs (--list shows the recipes)",
@@ -29,10 +38,8 @@ def add_parser(command: Any, textgen_args: Any) -> None:
     )
     p.add_argument("recipe", nargs="?", default=None, help="a recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
-    p.add_argument("--data-root", default=None, help="folder with the real datasets (default: $VLMTUNE_DATA or ./data)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: $VLMTUNE_CACHE or ~/.cache/vlmtune)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     p.add_argument(
         "--backbones",
         "--backbone",
@@ -51,8 +58,15 @@ def add_parser(command: Any, textgen_args: Any) -> None:
     p.add_argument("--timings", nargs="+", default=[], help="--dry-run: earlier --out folders to price jobs from")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<recipe>[-toy])")
-    textgen_args(p, "textgen-")
-    p.set_defaults(fn=cmd_reproduce)
+    p.add_argument(
+        "--executor",
+        choices=("slurm", "local", "debug"),
+        default=None,
+        help="run each group's jobs through submitit (as vlmtune protocol --executor)",
+    )
+    p.add_argument("--executor-set", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
+    add_exec_flags(p)
+    p.set_defaults(fn=execute)
 
 
 def _list() -> int:
@@ -76,8 +90,7 @@ def _fmt_hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from vlmtune.cli import _method_options, _progress
+def execute(args: argparse.Namespace) -> int:
     from vlmtune.reproduce import (
         RunSettings,
         Selection,
@@ -99,13 +112,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     sel = Selection(args.backbones, args.rows, args.datasets, args.seeds, args.toy)
     groups = plan(recipe, sel)
-    options = _method_options(args.set)
+    options = method_options(args.set)
     unknown = sorted(set(options) - {r.label for r in recipe.rows})
     if unknown:
         raise VlmtuneError(f"--set names rows {recipe.name} does not have: {', '.join(unknown)}")
     out = Path(args.out or f"runs/reproduce/{recipe.name}{'-toy' if args.toy else ''}")
-    checks = DatasetCheck(args.data_root)
-    textgen = args.textgen or "toy"
+    exec_ = exec_settings(args)
+    checks = DatasetCheck(exec_["data_root"])
+    textgen = exec_["textgen"]
     # each backbone and each group's data checked once (weights lookups and dataset listings are not free)
     backbones = {s: backbone_missing(s) for g in groups for s in (g.spec, g.student) if s}
     data = {g.slug: data_missing(g, checks, textgen) for g in groups}
@@ -145,13 +159,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         cache=open_cache(args.cache_dir, not args.no_cache),
         options=options,
         jobs=args.jobs,
-        device=args.device or "cpu",
-        data_root=args.data_root,
-        progress=_progress(args),
-        textgen=textgen,
-        textgen_model=args.textgen_model,
-        textgen_endpoint=args.textgen_endpoint,
+        progress=progress(args),
         toy=args.toy,
+        executor=args.executor,
+        executor_options={k: json_or_text(v) for k, v in parse_pairs(args.executor_set).items()},
+        **exec_,
     )
 
     def announce(i: int, g: Any) -> None:

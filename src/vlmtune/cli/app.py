@@ -1,0 +1,71 @@
+"""The parser (each command module adds its own subparser) and ``main``: errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from vlmtune._version import __version__
+from vlmtune.cli import evaluate, fit, listing, predict, protocol, reproduce, serve, textgen, tour
+from vlmtune.errors import VlmtuneError
+
+log = logging.getLogger("vlmtune")
+COMMANDS = (tour, fit, evaluate, predict, serve, protocol, textgen, reproduce, listing)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something wrong (a usage error, exit 2), not a bug.
+
+    ``KeyError`` / ``IndexError`` are bugs unless they are ``VlmtuneError`` s (``UnknownName``).
+    """
+    errors: tuple[type[BaseException], ...] = (VlmtuneError, ValueError, NotImplementedError, OSError)
+    api = sys.modules.get("vlmtune.blackbox.api")  # a budget error can only come from a loaded black box
+    return errors + ((api.BudgetExceeded,) if api is not None else ())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    ap = argparse.ArgumentParser(
+        prog="vlmtune", description="Adapt CLIP-style vision-language models to your task.", parents=[verbosity]
+    )
+    ap.add_argument("--version", action="version", version=f"vlmtune {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbosity], **kw)
+
+    for module in COMMANDS:
+        module.add(command)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if getattr(args, "config_hook", None) is not None:  # a --config file becomes the subcommand's defaults
+            args = args.config_hook(parser, argv, args)
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        print("vlmtune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        usage = isinstance(exc, user_errors())
+        if verbose:
+            log.exception("details")
+        message = str(exc).strip() or type(exc).__name__
+        if usage:
+            print(f"vlmtune: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        hint = "" if verbose else " (run with -v for the traceback)"
+        print(f"vlmtune: internal error: {type(exc).__name__}: {message.splitlines()[0]}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
