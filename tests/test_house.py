@@ -216,3 +216,15 @@ def test_writing_a_method_example(tmp_path, monkeypatch, toy_setup):
     loaded, meta = load_classifier(tmp_path / "adapter")
     assert meta["method"] == "ncm"
     torch.testing.assert_close(predict(loaded), predict(clf))
+
+
+def test_execution_options_leave_the_job_key():
+    from vlmtune.runs.protocols import ProtocolSettings, _Job, _job_key
+
+    job = _Job("coft", "toy:shapes", 0, 1)
+    keys = {
+        _job_key(job, ProtocolSettings(options={"coft": options}), "toy")
+        for options in ({"n_ctx": 8}, {"n_ctx": 8, "workers": 4})
+    }
+    assert len(keys) == 1
+    assert _job_key(job, ProtocolSettings(options={"coft": {"n_ctx": 4}}), "toy") not in keys

@@ -116,7 +116,7 @@ class UsageStore:
     def row(self, kid: str) -> tuple[int, int, int]:
         with self._lock:
             row = self._db.execute("SELECT queries, work, uploads FROM usage WHERE key = ?", (kid,)).fetchone()
-        return tuple(row) if row else (0, 0, 0)  # type: ignore[return-value]
+        return tuple(row) if row else (0, 0, 0)
 
     def execute(self, sql: str, args: tuple) -> int:
         with self._lock:

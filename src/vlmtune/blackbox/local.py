@@ -133,7 +133,8 @@ class LocalBlackBox:
         )
         self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
         if pixel_prompts:
-            size, *self._affine = pixel_affine(backbone)
+            size, mean, std = pixel_affine(backbone)
+            self._affine = (mean, std)
             self._info = replace(self._info, image_size=size)
         self._keep_pixels = visual_prompts or pixel_prompts
         self.candidate_batch, self.image_batch, self.max_sequences = candidate_batch, image_batch, max_sequences
@@ -273,6 +274,7 @@ class LocalBlackBox:
         for start in range(0, n_cand, per_pass):
             stop = min(start + per_pass, n_cand)
             text = shared_text if ctx is None else self._text_features(base, eot, ctx[start:stop], add, shared)
+            assert text is not None
             img = images[None] if visual is None else self._prompted_features(visual, start, stop)
             c = max(text.shape[0], img.shape[0])  # text (c|1, K, D), images (c|1, N, D)
             scores = torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1))

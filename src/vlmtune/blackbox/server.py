@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import html
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -121,7 +122,7 @@ def _docs_page(schema: dict[str, Any]) -> str:
 
 def create_app(
     box: LocalBlackBox,
-    keys: dict[str, KeySpec | QueryBudget],
+    keys: Mapping[str, KeySpec | QueryBudget],
     store: UsageStore | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     body_timeout: float = 30.0,
@@ -240,7 +241,7 @@ def server_config(
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.loop.call_later(header_timeout, self._drop_if_no_request)
 

@@ -101,12 +101,11 @@ def read_config(path: str) -> dict[str, Any]:
         raise VlmtuneError(f"cannot read --config {path}: {exc.strerror or exc}") from None
     try:
         if file.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
+            import importlib
+            import sys
 
-            data: Any = tomllib.loads(text)
+            toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+            data: Any = toml.loads(text)
         elif file.suffix in (".yaml", ".yml"):
             yaml = require("yaml", "yaml", "YAML config files")
             data = yaml.safe_load(text)

@@ -71,6 +71,8 @@ def execute(args: argparse.Namespace) -> int:
         data_root = args.data_root or config.get("data_root")
     else:
         spec, dataset, data_root, config = args.backbone or "toy", args.dataset, args.data_root, {}
+    if not dataset:
+        raise VlmtuneError(f"{args.run}: the run names no dataset; give --dataset")
     backbone = load_backbone(spec, args.device or "cpu")
     splits = load_dataset(dataset, data_root, args.skip_corrupt)
     if args.split not in splits:

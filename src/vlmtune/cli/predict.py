@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from vlmtune.cli.common import Command, progress
 from vlmtune.cli.evaluate import load_run
 from vlmtune.errors import VlmtuneError
 
 log = logging.getLogger("vlmtune")
+
+
+def _same(image: Any) -> Any:
+    return image
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -56,7 +64,8 @@ def execute(args: argparse.Namespace) -> int:
 
     clf, meta, config = load_run(Path(args.run))
     files = _collect_images(args.images)
-    box, backbone = None, None
+    box: Any = None
+    backbone = None
     if hasattr(clf, "predict_blackbox"):
         from vlmtune.blackbox.api import ImageRefs, upload_bytes
 
@@ -96,7 +105,7 @@ def execute(args: argparse.Namespace) -> int:
         if not batch:
             continue
         if box is not None:  # the files' own bytes where the service accepts the format, else PNG
-            data = [upload_bytes(f, lambda im=im: im) for f, im in zip(batch, images, strict=True)]
+            data = [upload_bytes(f, functools.partial(_same, im)) for f, im in zip(batch, images, strict=True)]
             ids = box.upload(data)
             logits = clf.predict_blackbox(box, ImageRefs(ids, torch.zeros(len(ids), dtype=torch.long), images))
         else:

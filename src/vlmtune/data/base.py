@@ -71,7 +71,7 @@ class DatasetSplit:
             return None
         return self.paths[self._parent[i] if self._parent is not None else i]
 
-    def subset(self, indices: Sequence[int], split: str | None = None) -> DatasetSplit:
+    def subset(self, indices: Sequence[int] | np.ndarray, split: str | None = None) -> DatasetSplit:
         """The samples at ``indices`` (same classes), e.g. a few-shot pick."""
         idx = [int(i) for i in indices]
         parent = tuple(self._parent[i] for i in idx) if self._parent is not None else tuple(idx)

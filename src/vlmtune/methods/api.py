@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from typing_extensions import Self
 
 from vlmtune.capabilities import Capability
 
@@ -150,7 +151,7 @@ class Classifier(nn.Module, ABC):
         with torch.no_grad():
             return self.logits(data.features)
 
-    def bind(self, backbone: Backbone) -> Classifier:
+    def bind(self, backbone: Backbone) -> Self:
         """Attach the backbone a loaded adapter computes through (prompt learners); a no-op for most."""
         return self
 

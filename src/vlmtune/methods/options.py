@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pydantic
 from pydantic import ConfigDict, Field, ValidationError
+from typing_extensions import dataclass_transform
 
 from vlmtune.errors import UnknownName, VlmtuneError
 
@@ -29,6 +30,10 @@ T = TypeVar("T")
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+EXECUTION_OPTIONS = frozenset({"workers"})  # options that change how a method runs (speed), never its result
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(Field,))
 def method_config(cls: type[T]) -> type[T]:
     """Class decorator: a frozen, strictly validated config dataclass."""
     return pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)(cls)  # type: ignore[return-value]

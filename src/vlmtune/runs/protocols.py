@@ -44,6 +44,7 @@ from vlmtune.data.base import DatasetSplit
 from vlmtune.data.fewshot import base_new_split
 from vlmtune.data.noisy import NOISY_SEP, noise_rate
 from vlmtune.features.cache import FeatureCache
+from vlmtune.methods.options import EXECUTION_OPTIONS
 from vlmtune.methods.registry import get_method, make_config
 from vlmtune.metrics import harmonic_mean
 from vlmtune.runs.executors import run_on_engine
@@ -278,8 +279,10 @@ def _check_jobs(jobs: list[_Job], settings: ProtocolSettings) -> None:
 
 def _job_key(job: _Job, settings: ProtocolSettings, spec: str) -> str:
     """What identifies a finished job in ``jobs.jsonl``: the job, its options, the backbone and, when not fp32, the
-    precision the job's method computes at (keys written before precisions existed stay valid)."""
-    key: list[Any] = [dataclasses.asdict(job), settings.options.get(job.label, {}), spec]
+    precision the job's method computes at (keys written before precisions existed stay valid). Execution-only
+    options (``workers``) are left out: changing them never re-runs a finished job."""
+    options = {k: v for k, v in settings.options.get(job.label, {}).items() if k not in EXECUTION_OPTIONS}
+    key: list[Any] = [dataclasses.asdict(job), options, spec]
     black_box = get_method(job.name).capability is Capability.BLACK_BOX
     precision = settings.box_precision if black_box else settings.feature_precision
     if precision != "fp32":

@@ -13,6 +13,7 @@ through the cache, scoring, progress and logs, and writing the run directory::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -486,7 +487,7 @@ def upload_split(box: BlackBoxVLM, split: DatasetSplit, progress: bool) -> Image
     """Upload a split's images to a black box (the files' own bytes where the format is accepted, else PNG); the
     refs keep the split's images for methods that prompt each image on the client."""
     reading = tqdm(range(len(split)), desc=f"reading {split.dataset}/{split.split}", disable=not progress, leave=False)
-    data = [upload_bytes(split.file_path(i), lambda i=i: split.image(i)) for i in reading]
+    data = [upload_bytes(split.file_path(i), functools.partial(split.image, i)) for i in reading]
     ids: list[str] = []
     for start in tqdm(range(0, len(data), 256), desc="uploading", unit="batch", disable=not progress, leave=False):
         ids += box.upload(data[start : start + 256])
@@ -545,7 +546,7 @@ def _run_black_box(
             raise VlmtuneError("--curve-every is not available with --service (every test scoring would be charged)")
         eval_box: BlackBoxVLM = HttpBlackBox(cfg.service, api_key or os.environ.get("VLMTUNE_API_KEY", ""))
         reserve = _scoring_queries(eval_box, test_split, bool(box_options.get("pixel_prompts")))
-        box = _Reserved(eval_box, reserve)
+        box: BlackBoxVLM = _Reserved(eval_box, reserve)
     else:
         assert backbone is not None
         used = journal.queries if journal else 0

@@ -30,7 +30,7 @@ class TourPlan:
     shots: int = 16
 
 
-ZERO_SHOT = (
+ZERO_SHOT: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("zero-shot, dataset template", "zeroshot", {}),
     (f'zero-shot, "{DEFAULT_TEMPLATE}"', "zeroshot", {"template": DEFAULT_TEMPLATE}),
 )

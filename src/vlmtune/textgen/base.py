@@ -23,10 +23,10 @@ class GenSettings:
     sampled generations apart (template i of n is generated with seed i) and seeds backends that accept one.
     """
 
-    max_new_tokens: int = Field(77, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
+    max_new_tokens: int = Field(default=77, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -170,6 +170,9 @@ class BlackBoxClassifier(Classifier):
     as float16, predicts exactly what was evaluated and stays under 1 MB for K <= 100 with the paper's head.
     """
 
+    context: torch.Tensor  # buffers (n_ctx, d_tok) and (n_v, d_vis) or empty
+    visual_context: torch.Tensor
+
     storage_dtype = torch.float16
 
     def __init__(
@@ -205,7 +208,7 @@ class BlackBoxClassifier(Classifier):
     def uses_visual_prompts(self) -> bool:
         return bool(self.visual_context.numel())
 
-    def box_options(self) -> dict[str, bool]:
+    def box_options(self) -> dict[str, Any]:
         """What a box must accept to serve this adapter (``LocalBlackBox`` keyword arguments)."""
         return {"visual_prompts": self.uses_visual_prompts}
 

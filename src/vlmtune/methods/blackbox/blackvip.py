@@ -163,7 +163,7 @@ class BlackVIPClassifier(BlackBoxClassifier):
             )
         self._encoder = encoder
 
-    def box_options(self) -> dict[str, bool]:
+    def box_options(self) -> dict[str, Any]:
         return {"pixel_prompts": True}
 
     def encode(self, images: Any, indices: range) -> torch.Tensor:

@@ -176,7 +176,7 @@ class CollaborativeTrainer:
         self.prompt = self._prompt_space(np.random.default_rng(seed))
         self.es = make_cma(self.prompt.dim, cfg.sigma0, cfg.popsize, cfg.bounds, seed)
         self.head: RefinementHead | None = None
-        self.head_meta: dict[str, int | bool] | None = None  # RefinementHead's arguments, saved with the adapter
+        self.head_meta: dict[str, Any] | None = None  # RefinementHead's arguments, saved with the adapter
         if cfg.use_head:
             hidden, layers = (self.k, 1) if cfg.head == "linear" else (cfg.head_hidden, cfg.head_layers)
             self.head_meta = {"k": self.k, "hidden": hidden, "layers": layers, "residual": cfg.residual}
@@ -371,7 +371,7 @@ class BlackBoxMethod(Method):
 
     capability = Capability.BLACK_BOX
 
-    def box_options(self) -> dict[str, bool]:
+    def box_options(self) -> dict[str, Any]:
         return {"visual_prompts": self.config.visual_prompt}
 
 

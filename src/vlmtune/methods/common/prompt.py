@@ -112,13 +112,13 @@ class PromptAssembler:
             rows.append([*ids, backbone.eot_token_id])
             slots.append(slot)
         length = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        token_ids = torch.zeros(len(rows), length, dtype=torch.long)
         for k, r in enumerate(rows):
-            ids[k, : len(r)] = torch.tensor(r)
+            token_ids[k, : len(r)] = torch.tensor(r)
         self.eot = torch.tensor([len(r) - 1 for r in rows])  # (K,)
         self.slots = torch.tensor(slots, dtype=torch.long)  # (K, n_ctx): where the context vectors go
         with torch.no_grad():
-            self.base = backbone.embed_tokens(ids).float().cpu()  # (K, L', W), context slots hold a placeholder
+            self.base = backbone.embed_tokens(token_ids).float().cpu()  # (K, L', W), context slots hold a placeholder
 
     @property
     def num_classes(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import Self
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.capabilities import Capability
@@ -76,7 +77,7 @@ class PromptClassifier(Classifier):
     def build_head(cls, settings: dict[str, Any]) -> nn.Module | None:
         return None
 
-    def bind(self, backbone: Backbone) -> PromptClassifier:
+    def bind(self, backbone: Backbone) -> Self:
         if self._backbone is backbone:
             return self  # already wired: keep the assembler and the cached text features
         self._backbone = backbone

@@ -13,7 +13,7 @@ LayerNorm-only or full), cross-entropy of s * cos(f(x), g_c) on augmented views 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -168,24 +168,28 @@ class TowerEnsemble(Classifier):
         self.members = nn.ModuleList(members)
         self._encoder: tuple[Backbone, StackedTowers] | None = None
 
+    def towers(self) -> list[TowerClassifier]:
+        """The members, typed (``nn.ModuleList`` yields plain modules)."""
+        return cast(list[TowerClassifier], list(self.members))
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         parts = F.normalize(features.float(), dim=-1).chunk(len(self.members), dim=-1)  # M x (N, D)
-        logits = torch.stack([m.logits(f) for m, f in zip(self.members, parts, strict=True)])  # (M, N, K)
+        logits = torch.stack([m.logits(f) for m, f in zip(self.towers(), parts, strict=True)])  # (M, N, K)
         if self.average == "logits":
             return logits.mean(0)
         return logits.softmax(-1).mean(0).clamp_min(1e-12).log()  # (N, K)
 
     def image_encoder(self, backbone: Backbone) -> Backbone:
         if self._encoder is None or self._encoder[0] is not backbone:
-            towers = [m.image_encoder(backbone) for m in self.members]  # type: ignore[union-attr]
+            towers = [m.image_encoder(backbone) for m in self.towers()]
             self._encoder = (backbone, StackedTowers(towers))
         return self._encoder[1]
 
     def extra_meta(self) -> dict[str, Any]:
-        return {"members": [m.extra_meta() for m in self.members]}  # type: ignore[union-attr]
+        return {"members": [m.extra_meta() for m in self.towers()]}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.extra_tensors().items()}  # type: ignore[union-attr]
+        return {f"member{i}.{k}": v for i, m in enumerate(self.towers()) for k, v in m.extra_tensors().items()}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TowerEnsemble:
@@ -206,8 +210,8 @@ def pseudo_sources(task: Task, pseudo: PseudoLabels) -> list[tuple[ImageSet, tor
     semi-supervised regime with their true labels."""
     assert task.images is not None
     sources = [(task.images, pseudo.index, pseudo.labels)]
-    if task.train_images is not None and task.train_images.labels is not None:
-        shots = task.train_images
+    shots = task.train_images
+    if shots is not None and shots.labels is not None:
         sources.append((shots, torch.arange(len(shots)), shots.labels))
     return sources
 

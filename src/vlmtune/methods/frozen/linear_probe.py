@@ -85,6 +85,7 @@ class LinearProbe(Method):
     def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> Classifier:
         if task.train is None or len(task.train) == 0:
             raise ValueError("linear_probe needs labelled training features")
+        assert isinstance(task.train, FeatureSet) and (task.val is None or isinstance(task.val, FeatureSet))
         zs = zero_shot_classifier(handle, task, self.config.ensemble)
         w0, scale = zs.weights, zs.scale
         if task.val is None or len(task.val) == 0:

@@ -44,6 +44,9 @@ class TipAdapterFConfig(TipAdapterConfig):
 
 
 class TipAdapterClassifier(Classifier):
+    weights: torch.Tensor  # buffers: (K, D) text weights, (NK, K) one-hot cache values
+    values: torch.Tensor
+
     def __init__(
         self,
         classnames: Sequence[str],

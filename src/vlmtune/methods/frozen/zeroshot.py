@@ -22,6 +22,8 @@ class ZeroShotConfig:
 
 
 class ZeroShotClassifier(Classifier):
+    weights: torch.Tensor  # buffer (K, D)
+
     def __init__(
         self, classnames: Sequence[str], weights: torch.Tensor, scale: float, templates: Sequence[str]
     ) -> None:

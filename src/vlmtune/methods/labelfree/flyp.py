@@ -10,7 +10,7 @@ template); the defaults follow LatteCLIP's comparison (a single template, the sa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -91,7 +91,7 @@ class _Contrastive(Method):
         index = torch.arange(len(targets))
         fit_both_towers(tuned, [(images, index, index)], loss, cfg, generator, self.hooks, on_epoch=relabelled.on_epoch)
         weights = class_text_weights(tuned, task.classnames, templates)  # the fine-tuned text tower's zero-shot head
-        return tower_adapter(self.classifier, task.classnames, weights, tuned, handle)
+        return tower_adapter(cast(type[TowerClassifier], self.classifier), task.classnames, weights, tuned, handle)
 
 
 @register_method("flyp")

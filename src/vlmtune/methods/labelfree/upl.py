@@ -10,7 +10,7 @@ logits of 16 prompts trained from different seeds (UPL's test-time prompt ensemb
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 
@@ -59,9 +59,12 @@ class UPL(PseudoLabelPrompting):
     ) -> PseudoLabelClassifier:
         """``ensemble`` prompts trained in turn on the same pseudo-labels, stacked into one classifier."""
         train_one = super().train_round
-        members = [train_one(handle, task, feats, pseudo, labelled, generator) for _ in range(self.config.ensemble)]
+        members = [
+            cast(PseudoLabelClassifier, train_one(handle, task, feats, pseudo, labelled, generator))
+            for _ in range(self.config.ensemble)
+        ]
         if len(members) == 1:
-            return members[0]  # type: ignore[return-value]
+            return members[0]
         settings = {**members[0].settings, "ensemble": len(members)}
         ctx = torch.stack([m.ctx.detach() for m in members])  # (E, n, W)
         return PseudoLabelClassifier(task.classnames, ctx, settings).bind(handle)

@@ -25,7 +25,7 @@ from vlmtune.backbones.base import Backbone
 from vlmtune.backbones.tuning import TowerTuning
 from vlmtune.capabilities import Capability
 from vlmtune.errors import VlmtuneError
-from vlmtune.methods.api import Method, Task
+from vlmtune.methods.api import Classifier, Method, Task
 from vlmtune.methods.common.prompt import TOKEN_SCALE_DOC
 from vlmtune.methods.common.pseudo import PseudoLabels, top_k_per_class
 from vlmtune.methods.common.text import class_description_weights, class_text_weights, read_descriptions
@@ -127,8 +127,8 @@ class CoFT(Method):
     """CoFT: dual-prompt, dual-model collaborative pseudo-labelling, then full fine-tuning on the clean sets."""
 
     config_cls = CoFTConfig
-    classifier = CoFTClassifier
-    extra_classifiers = (CoFTTower,)
+    classifier: ClassVar[type[TowerEnsemble]] = CoFTClassifier  # narrower than Method's
+    extra_classifiers: ClassVar[tuple[type[Classifier], ...]] = (CoFTTower,)
     capability = Capability.WHITE_BOX
     needs_labels = False
     default_shots = 0
@@ -159,7 +159,7 @@ class CoFT(Method):
         fft = Schedule(cfg.fft_lr, cfg.fft_epochs, cfg.fft_batch, weight_decay=cfg.fft_weight_decay, warmup_epochs=0)
         return peft, fft
 
-    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> CoFTClassifier:
+    def fit(self, handle: Backbone, task: Task, *, generator: torch.Generator) -> TowerEnsemble:
         cfg = self.config
         if cfg.vpt == "none" and not cfg.phase2:
             raise VlmtuneError(f"{self.name}: vpt=none with phase2=false trains nothing but text contexts (use coop)")
@@ -240,7 +240,7 @@ class CoFT(Method):
 
     def _peft_classifier(
         self, handle: Backbone, task: Task, models: list[DualPromptModel], encoded: list[Encoded]
-    ) -> CoFTClassifier:
+    ) -> TowerEnsemble:
         """The PEFT-only ablation: each Phase I model's VPT tower with its positive prompts' text features."""
         members = []
         for model, enc in zip(models, encoded, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -270,8 +270,9 @@ def train_fft(
     online = nn.ModuleDict({"model": tuned.model, "mlp": mlp})
     ema = EMAEncoder(online, moco.momentum)  # Eq. (8), over the tower and its projection
     ema.update(online)  # the first update copies the weights
+    averaged = cast(nn.ModuleDict, ema.module)  # the EMA copy of ``online``
     key = copy.copy(tuned)
-    key.model = ema.module["model"]
+    key.model = averaged["model"]
     n = len(task.images)
     size = max(schedule.batch_size, min(moco.queue, n // schedule.batch_size * schedule.batch_size))
     queue = MoCoQueue(size, moco.dim, generator).to(device)
@@ -282,7 +283,7 @@ def train_fft(
         l_fft = (ce * labelled).sum() / labelled.sum().clamp_min(1)  # Eq. (7) on the clean images of the batch
         q = online["mlp"](tuned.encode_images(xq))  # (B, dim)
         with torch.no_grad():
-            k = ema.module["mlp"](key.encode_images(xk))
+            k = averaged["mlp"](key.encode_images(xk))
         logits = queue.logits(q.float(), k.float(), moco.temperature)  # (B, 1 + Q), Eq. (9)
         l_cont = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=logits.device))
         queue.push(k)
