@@ -26,6 +26,7 @@ from torch import nn
 
 from vlmtune.backbones.prefix import TextStack, encode_shared_prefix
 from vlmtune.capabilities import Capability
+from vlmtune.errors import VlmtuneError
 
 __all__ = ["Backbone", "Capability", "FeatureEncoder"]
 
@@ -223,8 +224,17 @@ class Backbone(ABC):
     visual_prompt_tokens: int = 0  # visual prompt tokens installed in this (tuned) copy's image tower
 
     def image_tower(self) -> nn.Module:
-        """The modules that map pixels to the pooled image feature (fine-tuning, LayerNorm-only tuning)."""
-        return self.model.visual
+        """The modules that map pixels to the pooled image feature (fine-tuning, normalisation-layer tuning).
+
+        The default is ``self.model.visual`` (open_clip's and ToyCLIP's layout); a backbone laid out otherwise
+        overrides this, or the methods that train on pixels cannot run on it."""
+        tower = getattr(self.model, "visual", None)
+        if not isinstance(tower, nn.Module):
+            raise VlmtuneError(
+                f"{self.spec}: {type(self).__name__} does not say which modules are its image tower; methods that "
+                "train on pixels need it: override Backbone.image_tower()"
+            )
+        return tower
 
     def visual_blocks(self) -> Sequence[nn.Module] | None:
         """The transformer blocks of a ViT image tower, in order (deep visual prompts); None for other towers."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -136,18 +136,53 @@ def _frozen_copy(backbone: Backbone) -> Backbone:
     return tuned
 
 
-def tunable_copy(backbone: Backbone, tuning: TowerTuning, generator: torch.Generator | None = None) -> Backbone:
-    """A deep copy of ``backbone`` whose image tower trains as ``tuning`` says; every other weight is frozen."""
+NORMS = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def norm_layers(tower: nn.Module) -> list[nn.Module]:
+    """The normalisation layers ``layernorm`` tuning trains: the tower's LayerNorms, or for a tower without any (a
+    ResNet) its BatchNorm / GroupNorm layers (their affine weights; running statistics stay frozen: the backbone
+    is in eval mode throughout)."""
+    layer_norms = [m for m in tower.modules() if isinstance(m, nn.LayerNorm)]
+    return layer_norms or [m for m in tower.modules() if isinstance(m, NORMS) and any(True for _ in m.parameters())]
+
+
+def tuning_for(backbone: Backbone, tuning: TowerTuning) -> tuple[TowerTuning, str | None]:
+    """The tuning ``backbone``'s image tower can take, and what to tell the user when it is not ``tuning``: visual
+    prompts need a ViT (a prompt site and blocks); on any other tower a VPT mode falls back to tuning the tower's
+    normalisation layers (``layernorm``). A pure function of the two: restoring an adapter repeats the choice."""
+    if not tuning.prompted or (backbone.visual_prompt_site() is not None and backbone.visual_blocks()):
+        return tuning, None
+    fallback = TowerTuning("layernorm", tuning.tokens, tuning.init)
+    return fallback, (
+        f"{backbone.spec}: the image tower is not a ViT, so it takes no visual prompts: {tuning.mode} fell back to "
+        "tuning its normalisation layers (layernorm); set the method's tuning option to 'full' to fine-tune it all"
+    )
+
+
+def tunable_copy(
+    backbone: Backbone,
+    tuning: TowerTuning,
+    generator: torch.Generator | None = None,
+    note: Callable[[str], None] | None = None,
+) -> Backbone:
+    """A deep copy of ``backbone`` whose image tower trains as ``tuning`` says (or as ``tuning_for`` falls back to,
+    told through ``note``, e.g. ``TrainingHooks.note``); every other weight is frozen."""
     if backbone.visual_prompt_tokens:
         raise VlmtuneError(f"{backbone.spec}: already a tuned copy; tune the base backbone instead")
+    tuning, told = tuning_for(backbone, tuning)
+    if told is not None and note is not None:
+        note(told)
     tuned = _frozen_copy(backbone)
     tower = tuned.image_tower()
     if tuning.prompted:
         _install_prompts(tuned, tuning, generator).requires_grad_(True)
     if tuning.mode == "layernorm" or (tuning.prompted and tuning.layernorm):
-        for m in tower.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.requires_grad_(True)
+        norms = norm_layers(tower)
+        if not norms:
+            raise VlmtuneError(f"{backbone.spec}: the image tower has no normalisation layer to tune (use 'full')")
+        for m in norms:
+            m.requires_grad_(True)
     elif tuning.mode == "full":
         tower.requires_grad_(True)
     return tuned

@@ -75,9 +75,10 @@ class TrainingHooks:
             self.on_pseudo_labels(round, kind, idx, lab, source)
 
     def note(self, text: str) -> None:
-        """Tell the user something about this run (logged now, recorded in the results)."""
-        log.warning(text)
-        self.notes.append(text)
+        """Tell the user something about this run (logged now, recorded in the results; once per text)."""
+        if text not in self.notes:
+            log.warning(text)
+            self.notes.append(text)
 
 
 @dataclass(frozen=True)

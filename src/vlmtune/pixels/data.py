@@ -10,9 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -20,29 +18,34 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vlmtune.backbones.base import Backbone
 from vlmtune.data.base import DatasetSplit
+from vlmtune.data.sealed import ImageSource
 from vlmtune.pixels.dist import dist_info
 
 
 class ImageSet:
-    """Images a method may read: ``image(i)`` -> RGB PIL image, ``len``, and ``labels`` (N,) or None."""
+    """Images a method may read: ``image(i)`` -> RGB PIL image, ``len``, ``content_hash(i)``, and ``labels`` (N,)
+    or None. The images come from an opaque ``ImageSource``: no path, sample id or split is in reach."""
 
-    def __init__(self, split: DatasetSplit, labels: torch.Tensor | None) -> None:
-        self._split, self.labels = split, labels
+    def __init__(self, source: ImageSource, labels: torch.Tensor | None) -> None:
+        self.source, self.labels = source, labels
 
     @classmethod
     def unlabelled(cls, split: DatasetSplit) -> ImageSet:
-        """The images of ``split`` with no labels anywhere in reach (they are replaced by -1 in a copy)."""
-        return cls(replace(split, labels=np.full(len(split), -1, dtype=np.int64)), None)
+        """The images of ``split`` with no labels (nor paths that name class folders) anywhere in reach."""
+        return cls(ImageSource(split), None)
 
     @classmethod
     def labelled(cls, split: DatasetSplit) -> ImageSet:
-        return cls(split, torch.as_tensor(split.labels, dtype=torch.long))
+        return cls(ImageSource(split), torch.as_tensor(split.labels, dtype=torch.long))
 
     def __len__(self) -> int:
-        return len(self._split)
+        return len(self.source)
 
     def image(self, i: int) -> Image.Image:
-        return self._split.image(int(i))
+        return self.source.image(i)
+
+    def content_hash(self, i: int) -> str:
+        return self.source.content_hash(i)
 
 
 class ViewDataset(Dataset):

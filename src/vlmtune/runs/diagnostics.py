@@ -1,7 +1,8 @@
 """Pseudo-label diagnostics of label-free runs, measured by the runner against labels the method never sees.
 
 A label-free method reports each pseudo-labelling through ``TrainingHooks.pseudo_labels(round, kind, index,
-labels)``; ``PseudoLabelLog`` holds the hidden labels of the unlabelled set and records per report: how many images,
+labels)`` into a ``PseudoLabelReports`` recorder (no labels in it); after ``fit`` returns, ``PseudoLabelLog``
+holds the hidden labels of the unlabelled set and scores each report: how many images,
 their accuracy, the classes covered and the smallest / largest class; ``write_pseudo_labels`` puts its rows in a run
 folder as ``pseudo_labels.jsonl`` and ``pseudo_labels.png`` (accuracy per round of all images vs the selected set).
 """
@@ -15,6 +16,17 @@ from typing import Any
 import torch
 
 from vlmtune.runs.plots import pyplot
+
+
+class PseudoLabelReports:
+    """What a label-free method reported through ``hooks.pseudo_labels`` during ``fit``, held as given: the hook the
+    method calls is this recorder, which holds no label; the runner scores the reports after ``fit`` returns."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, str, torch.Tensor, torch.Tensor, str]] = []
+
+    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor, source: str = "") -> None:
+        self.reports.append((round_no, kind, index.clone(), labels.clone(), source))
 
 
 class PseudoLabelLog:
@@ -44,6 +56,12 @@ class PseudoLabelLog:
                 "per_class_max": int(counts.max()),
             }
         )
+
+    def score(self, reports: PseudoLabelReports) -> list[dict[str, Any]]:
+        """The rows of every recorded report, in the order they were made."""
+        for report in reports.reports:
+            self.record(*report)
+        return self.rows
 
 
 def write_pseudo_labels(folder: Path, rows: list[dict[str, Any]], title: str) -> None:

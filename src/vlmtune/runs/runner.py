@@ -43,7 +43,7 @@ from vlmtune.methods.registry import get_method, make_config
 from vlmtune.metrics import classification_metrics
 from vlmtune.pixels.data import ImageSet
 from vlmtune.pixels.dist import device_for, init_from_env
-from vlmtune.runs.diagnostics import PseudoLabelLog, write_pseudo_labels
+from vlmtune.runs.diagnostics import PseudoLabelLog, PseudoLabelReports, write_pseudo_labels
 from vlmtune.runs.journal import FileJournal
 from vlmtune.runs.provenance import provenance
 from vlmtune.runs.report import markdown_table
@@ -262,13 +262,15 @@ def make_task(
         val = source.features(few_shot(val_split, val_shots, cfg.seed) if val_shots > 0 else val_split)
     pixels = method.wants_images()
     if not method.needs_labels:
-        labelled, unlabeled = label_free_splits(splits, cfg)
+        labelled, stored = label_free_splits(splits, cfg)
+        order = shuffled_order(len(stored), cfg.seed)  # datasets list their images by class: never hand that order
+        unlabeled = stored.subset(order)
         task = Task(
             classnames=unlabeled.classnames,
             templates=unlabeled.templates,
             train=source.features(labelled) if labelled is not None else None,
             val=val,
-            unlabeled=source.features(unlabeled).without_labels(),
+            unlabeled=source.features(stored).select(torch.as_tensor(order)).without_labels(),  # cached unshuffled
             images=ImageSet.unlabelled(unlabeled) if pixels else None,
             train_images=ImageSet.labelled(labelled) if pixels and labelled is not None else None,
             texts=_texts(cfg, source, unlabeled),
@@ -429,11 +431,10 @@ def _student_of(cfg: RunConfig, method_cls: type[Method], teacher: Backbone) -> 
     return load_backbone(cfg.student, str(teacher.device))
 
 
-def _watch_pseudo_labels(method: Method, unlabeled: DatasetSplit) -> PseudoLabelLog:
-    """The runner's side of ``hooks.pseudo_labels``: it measures what the method cannot (the labels are hidden)."""
-    watcher = PseudoLabelLog(torch.as_tensor(unlabeled.labels, dtype=torch.long), unlabeled.num_classes)
-    method.hooks.on_pseudo_labels = watcher.record
-    return watcher
+def shuffled_order(n: int, seed: int) -> np.ndarray:
+    """The order (n,) in which a label-free method gets its unlabelled images: a permutation drawn with the run's
+    seed (its own stream, so the method's generator draws what it would draw anyway)."""
+    return np.random.default_rng([seed, 0x5EA1]).permutation(n)
 
 
 def _run_features(
@@ -449,10 +450,12 @@ def _run_features(
     source = FeatureSource(backbone, cache, progress, patches=method.needs_patches, precision=cfg.feature_precision)
     task, train_split = make_task(splits, source, cfg, method)
     task = replace(task, student=student)
-    watcher = _watch_pseudo_labels(method, train_split) if task.unlabeled is not None and train_split else None
+    reports = PseudoLabelReports()  # a plain recorder: nothing in reach of the method holds the hidden labels
+    method.hooks.on_pseudo_labels = reports.record
     start = time.perf_counter()
     classifier = method.fit(backbone, task, generator=generator)
     fit_seconds = time.perf_counter() - start
+    method.hooks.on_pseudo_labels = None
     test = base_new_split(splits["test"], cfg.subsample)
     metrics = classification_metrics(*split_logits(classifier, student or backbone, test, source, progress))
     n_train = len(train_split) if train_split is not None else 0
@@ -460,7 +463,9 @@ def _run_features(
         n_train += len(task.train)
     shots = _shot_counts(train_split) if train_split is not None and task.unlabeled is None else None
     result = RunResult(cfg, {"test": metrics}, n_train, fit_seconds, classifier, shots_used=shots)
-    result.pseudo_labels = watcher.rows if watcher is not None else []
+    if task.unlabeled is not None and train_split is not None and reports.reports:  # scored after fit returned
+        hidden = torch.as_tensor(train_split.labels, dtype=torch.long)
+        result.pseudo_labels = PseudoLabelLog(hidden, train_split.num_classes).score(reports)
     return result
 
 

@@ -9,18 +9,17 @@ class descriptions and class-slot templates.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from vlmtune._io import file_sha256
 from vlmtune.data.base import DatasetSplit
+from vlmtune.data.sealed import ImageSource, sample_id
 from vlmtune.textgen.backends import load_generator, model_name
 from vlmtune.textgen.base import GenRequest, GenSettings, TextGenerator
 from vlmtune.textgen.cache import Entry, TextCache, text_key
@@ -108,16 +107,6 @@ class TextStage:
         return [found[k] for k in keys]
 
 
-def _image_hash(split: DatasetSplit, i: int) -> str:
-    """SHA-256 of an image's file, or of its PNG encoding for generated images."""
-    path = split.file_path(i)
-    if path is not None:
-        return file_sha256(path)
-    buf = io.BytesIO()
-    split.image(i).save(buf, format="PNG")
-    return hashlib.sha256(buf.getvalue()).hexdigest()
-
-
 def group_members(labels: np.ndarray, size: int = 4, seed: int = 0) -> list[list[int]]:
     """For each image, ``size`` images with its pseudo-label drawn at random (without replacement where the class
     has enough; the image itself is not guaranteed to be among them: the LatteCLIP code's rule)."""
@@ -143,28 +132,30 @@ def usable_template(text: str) -> str | None:
 
 
 class DatasetTexts:
-    """A stage bound to one dataset split (its labels removed) and that dataset's prompts."""
+    """A stage bound to one dataset split's images and that dataset's prompts. The images are held as an opaque
+    ``ImageSource`` (no labels, paths or sample ids in reach of a label-free method, which gets this object)."""
 
     def __init__(self, stage: TextStage, split: DatasetSplit, prompts: Prompts | None = None) -> None:
         self.stage = stage
-        self.split = replace(split, labels=np.full(len(split), -1, dtype=np.int64))  # no labels in reach
+        self.images = ImageSource(split)
         self.prompts = prompts or Prompts.for_dataset(split.dataset)
         self._hashes: list[str] | None = None
 
     @property
     def dataset(self) -> str:
-        return self.split.dataset
+        return self.images.dataset
 
     def image_hashes(self) -> list[str]:
         if self._hashes is None:
-            reading = tqdm(range(len(self.split)), desc="hashing images", disable=not self.stage.progress, leave=False)
-            self._hashes = [_image_hash(self.split, i) for i in reading]
+            n = len(self.images)
+            reading = tqdm(range(n), desc="hashing images", disable=not self.stage.progress, leave=False)
+            self._hashes = [self.images.content_hash(i) for i in reading]
         return self._hashes
 
     def _provenance(self, kind: str, i: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": kind, "dataset": self.dataset}
         if i is not None:
-            out["id"] = self.split.ids[i]
+            out["id"] = sample_id(self.images, i)
         return out
 
     def image_descriptions(self, labels: Sequence[str] | None = None) -> list[str]:
@@ -175,7 +166,7 @@ class DatasetTexts:
         for i, h in enumerate(hashes):
             prompt = self.prompts.image.replace("{label}", labels[i]) if labels is not None else self.prompts.image
             items.append(
-                Item(prompt, h, lambda i=i, p=prompt: GenRequest(p, self.split.image(i)), self._provenance("image", i))
+                Item(prompt, h, lambda i=i, p=prompt: GenRequest(p, self.images.image(i)), self._provenance("image", i))
             )
         return self.stage.texts(items, desc="describing images")
 
@@ -190,8 +181,8 @@ class DatasetTexts:
                 Item(
                     self.prompts.group,
                     digest.hexdigest(),
-                    lambda m=members: GenRequest(self.prompts.group, collage([self.split.image(j) for j in m])),
-                    {**self._provenance("group", i), "members": [self.split.ids[j] for j in members]},
+                    lambda m=members: GenRequest(self.prompts.group, collage([self.images.image(j) for j in m])),
+                    {**self._provenance("group", i), "members": [sample_id(self.images, j) for j in members]},
                 )
             )
         return self.stage.texts(items, desc="describing groups")

@@ -250,7 +250,7 @@ def train_tower_round(
         raise VlmtuneError("this method trains on pixels: the runner gives Task.images (run it through the runner)")
     if isinstance(head, str) and head not in ("text", "linear"):
         raise VlmtuneError(f"unknown head {head!r} (text or linear)")
-    tuned = tunable_copy(base, tuning, generator)
+    tuned = tunable_copy(base, tuning, generator, note=hooks.note)
     device = tuned.device
     if isinstance(head, TowerHead):
         classify = head.to(device)

@@ -162,7 +162,7 @@ def train_dual_prompt_model(
     k = task.num_classes
     if k < 2:
         raise VlmtuneError("CoFT needs at least two classes (its negative prompt scores a complement label)")
-    tuned = tunable_copy(base, tuning, generator) if tuning is not None else base
+    tuned = tunable_copy(base, tuning, generator, note=hooks.note) if tuning is not None else base
     units = token_scale(base, scale)
     assembler = PromptAssembler(tuned, task.classnames, n_ctx, "end", units)
     pos = init_context(tuned, n_ctx, None, generator, std=ctx_std, scale=units)  # (n, W)
