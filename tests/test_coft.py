@@ -63,11 +63,14 @@ def test_collaborative_filter_keeps_what_the_other_models_dual_prompts_accept():
     labeller = Encoded(feats=e, positive=e, negative=-e, scale=1.0)  # labels 0, 1, 2
     # the validator's negative prompt beats its positive one for class 1 only
     validator = Encoded(feats=e, positive=e * 0.5, negative=torch.diag(torch.tensor([0.0, 0.9, 0.0])), scale=1.0)
-    labels, keep = collaborative_filter(labeller, validator)
-    assert labels.tolist() == [0, 1, 2] and keep.tolist() == [True, False, True]
+    labels, margin = collaborative_filter(labeller, validator)
+    assert labels.tolist() == [0, 1, 2] and (margin > 0).tolist() == [True, False, True]
+    assert torch.allclose(margin, torch.tensor([0.5, 0.5 - 0.9, 0.5]))  # cos(v, t+(y)) - cos(v, t-(y))
     confident = Encoded(feats=e, positive=e * 3, negative=e, scale=1.0)
     _, by_confidence = collaborative_filter(labeller, confident, confidence=0.99)
-    assert by_confidence.tolist() == [False, False, False]  # softmax of (3, 0, 0) is 0.91
+    assert (by_confidence > 0).tolist() == [False, False, False]  # softmax of (3, 0, 0) is 0.91
+    _, by_confidence = collaborative_filter(labeller, confident, confidence=0.9)
+    assert (by_confidence > 0).tolist() == [True, True, True]
 
 
 def test_coft_filter_keeps_more_than_top_k_and_cleaner_than_the_labeller_and_the_adapter_round_trips(toy, tmp_path):

@@ -274,3 +274,24 @@ def test_data_amount_draws_a_seeded_share_of_the_unlabelled_images(toy):
     result = data_amount(["upl"], "toy:shapes-noisy", fractions=(0.2, 1.0), seeds=(1,), settings=settings)
     assert [r["setting"] for r in result.rows] == ["20%", "100%"]
     assert "| upl | 20% |" in result.markdown()
+
+
+def test_pseudo_label_diagnostics_score_a_filter_and_a_confidence():
+    """The runner's scoring of reports: accuracy, AUROC of a confidence (ties count half), and for a filter
+    (confidence > 0 = kept) the precision and recall of the right labels."""
+    from vlmtune.runs.diagnostics import PseudoLabelLog, PseudoLabelReports, auroc
+
+    hidden = torch.tensor([0, 0, 1, 1, 2, 2])
+    labels = torch.tensor([0, 1, 1, 1, 0, 2])  # right: 0, 2, 3, 5
+    margin = torch.tensor([0.5, -0.2, 0.1, -0.1, 0.3, 0.2])  # kept: 0, 2, 4, 5
+    reports = PseudoLabelReports()
+    reports.record(1, "filter", torch.arange(6), labels, "model 1", margin)
+    reports.record(0, "all", torch.arange(6), labels)
+    rows = PseudoLabelLog(hidden, 3).score(reports)
+    assert rows[1] == {k: v for k, v in rows[1].items() if k not in ("auroc", "kept", "precision", "recall")}
+    f = rows[0]
+    assert f["kept"] == 4 and f["precision"] == 75.0 and f["recall"] == 75.0 and f["accuracy"] == 66.67
+    # right margins 0.5, 0.1, -0.1, 0.2 vs wrong -0.2, 0.3: 4 + 1 of 8 pairs ordered right
+    assert f["auroc"] == 0.625
+    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+    assert auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None

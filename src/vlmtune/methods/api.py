@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
 log = logging.getLogger(__name__)
 ADAPTER_FORMAT = 1  # adapter.json layout; 0 = written before the format was recorded (still read)
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
-PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor, str], None]  # (round, kind, indices, labels, source)
+# (round, kind, indices, labels, source, confidence or None)
+PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor, str, torch.Tensor | None], None]
 
 
 @dataclass
@@ -64,15 +65,24 @@ class TrainingHooks:
             self.on_step(step, total, unit, {k: float(v) for k, v in metrics.items()})
 
     def pseudo_labels(
-        self, round: int, kind: str, indices: torch.Tensor, labels: torch.Tensor, source: str = ""
+        self,
+        round: int,
+        kind: str,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        source: str = "",
+        confidence: torch.Tensor | None = None,
     ) -> None:
         """Report the pseudo-labels ``labels`` (M,) a label-free method gave the unlabelled images at ``indices``
         (M,) in ``round`` (0 = from the zero-shot model); ``kind`` is ``"all"`` (every image), ``"selected"``
-        (the set it trains on) or ``"clean"`` (the set a filter kept, CoFT); ``source`` names the model that
-        made them when a method has several (e.g. ``"model 1"``)."""
+        (the set it trains on), ``"clean"`` (the set a filter kept, CoFT) or ``"filter"`` (every label a filter
+        judged, ``confidence`` > 0 = kept); ``source`` names the model that made them when a method has several
+        (e.g. ``"model 1"``). ``confidence`` (M,): how sure the method is of each label (a filter's margin, a
+        selection's score): the runner measures how well it separates right labels from wrong ones (AUROC)."""
         if self.on_pseudo_labels is not None:
             idx, lab = indices.detach().cpu().long(), labels.detach().cpu().long()
-            self.on_pseudo_labels(round, kind, idx, lab, source)
+            conf = confidence.detach().cpu().float() if confidence is not None else None
+            self.on_pseudo_labels(round, kind, idx, lab, source, conf)
 
     def note(self, text: str) -> None:
         """Tell the user something about this run (logged now, recorded in the results; once per text)."""

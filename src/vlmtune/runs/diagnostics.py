@@ -23,10 +23,34 @@ class PseudoLabelReports:
     method calls is this recorder, which holds no label; the runner scores the reports after ``fit`` returns."""
 
     def __init__(self) -> None:
-        self.reports: list[tuple[int, str, torch.Tensor, torch.Tensor, str]] = []
+        self.reports: list[tuple[int, str, torch.Tensor, torch.Tensor, str, torch.Tensor | None]] = []
 
-    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor, source: str = "") -> None:
-        self.reports.append((round_no, kind, index.clone(), labels.clone(), source))
+    def record(
+        self,
+        round_no: int,
+        kind: str,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        source: str = "",
+        confidence: torch.Tensor | None = None,
+    ) -> None:
+        conf = confidence.clone() if confidence is not None else None
+        self.reports.append((round_no, kind, index.clone(), labels.clone(), source, conf))
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Area under the ROC curve of ``scores`` (M,) for the boolean ``positive`` (M,) (ties count half); None when
+    one of the two groups is empty."""
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    if not len(pos) or not len(neg):
+        return None
+    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1  # 1-based ranks (ties: by position)
+    values = torch.cat([pos, neg])
+    for v in values.unique():  # average ranks of ties
+        tied = values == v
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 class PseudoLabelLog:
@@ -36,26 +60,43 @@ class PseudoLabelLog:
         self.hidden, self.num_classes = hidden.long(), num_classes
         self.rows: list[dict[str, Any]] = []
 
-    def record(self, round_no: int, kind: str, index: torch.Tensor, labels: torch.Tensor, source: str = "") -> None:
+    def record(
+        self,
+        round_no: int,
+        kind: str,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        source: str = "",
+        confidence: torch.Tensor | None = None,
+    ) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.hidden)):
             raise IndexError(f"pseudo-labels point outside the unlabelled set of {len(self.hidden)} images")
         counts = torch.bincount(labels, minlength=self.num_classes)
         truth = self.hidden[index]
         known = truth >= 0  # images of an unlabelled folder have no truth (-1): accuracy only where it exists
-        correct = (truth[known] == labels[known]).float()
-        self.rows.append(
-            {
-                "round": round_no,
-                "kind": kind,
-                **({"source": source} if source else {}),
-                "n": int(index.numel()),
-                "accuracy": round(100 * float(correct.mean()), 2) if correct.numel() else None,
-                "classes_covered": int((counts > 0).sum()),
-                "classes": self.num_classes,
-                "per_class_min": int(counts.min()),
-                "per_class_max": int(counts.max()),
-            }
-        )
+        right = truth[known] == labels[known]
+        correct = right.float()
+        row: dict[str, Any] = {
+            "round": round_no,
+            "kind": kind,
+            **({"source": source} if source else {}),
+            "n": int(index.numel()),
+            "accuracy": round(100 * float(correct.mean()), 2) if correct.numel() else None,
+            "classes_covered": int((counts > 0).sum()),
+            "classes": self.num_classes,
+            "per_class_min": int(counts.min()),
+            "per_class_max": int(counts.max()),
+        }
+        if confidence is not None and correct.numel():
+            conf = confidence[known]
+            separation = auroc(conf, right)
+            row["auroc"] = round(separation, 4) if separation is not None else None
+            if kind == "filter":  # kept = confidence > 0: precision and recall of the right labels
+                kept = conf > 0
+                row["kept"] = int(kept.sum())
+                row["precision"] = round(100 * float(right[kept].float().mean()), 2) if kept.any() else None
+                row["recall"] = round(100 * float(kept[right].float().mean()), 2) if right.any() else None
+        self.rows.append(row)
 
     def score(self, reports: PseudoLabelReports) -> list[dict[str, Any]]:
         """The rows of every recorded report, in the order they were made."""

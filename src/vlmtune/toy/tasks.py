@@ -38,13 +38,14 @@ class ToyTask:
     params: StyleParams = field(default_factory=StyleParams)
     scenes: SceneDistribution = field(default_factory=lambda: SceneDistribution(exclude_pairs=()))
     role: str = "in-domain"
+    seed_name: str | None = None  # the name the images are drawn under (default: ``name``)
 
     @property
     def classnames(self) -> list[str]:
         return [c.name for c in self.classes]
 
     def seed(self, split: str) -> int:
-        digest = hashlib.sha256(f"vlmtune-toy/{self.name}/{split}".encode()).digest()
+        digest = hashlib.sha256(f"vlmtune-toy/{self.seed_name or self.name}/{split}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF
 
     def generate(self, split: str, n_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +165,23 @@ def _build() -> dict[str, ToyTask]:
         ),
         _toynet(
             "toynet-noisy", "noisy", StyleParams(noise_std=0.25), "ToyNet under heavy noise (like ImageNet-A)", "target"
+        ),
+        # the label-free benchmark's tasks (docs/label_free.md: chosen by criteria fixed first, from the candidates of
+        # benchmarks/label_free_selection.py, whose images they draw: ``seed_name``)
+        replace(
+            _shifted_shapes(
+                "blurry",
+                "10 shapes out of focus (Gaussian blur, sigma 1.5 px)",
+                ("a blurry photo of a {}.", "a {} shape.", "a photo of a {}."),
+                StyleParams(blur_sigma=1.5),
+            ),
+            seed_name="shapes-blurry1.5",
+        ),
+        replace(
+            _toynet(
+                "toynet-blurry", "blurry", StyleParams(blur_sigma=0.75), "ToyNet out of focus (blur 0.75 px)", "target"
+            ),
+            seed_name="toynet-blurry0.75",
         ),
     ]
     return {t.name: t for t in tasks}

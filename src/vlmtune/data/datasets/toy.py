@@ -19,6 +19,7 @@ from vlmtune.toy.tasks import SPLIT_SIZES, TOY_TASKS, get_task
 
 POOL_IMAGES = 4000  # train images of a ``-pool`` variant
 POOL_TASKS = ("shapes-noisy", "shapes-pixel", "shapes-sketch", "toynet-noisy", "toynet-pixel", "toynet-sketch")
+POOL_TASKS += ("shapes-blurry", "toynet-blurry")  # the label-free benchmark (docs/label_free.md)
 
 
 @lru_cache(maxsize=64)

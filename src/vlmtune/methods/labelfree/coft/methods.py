@@ -37,6 +37,7 @@ from vlmtune.methods.labelfree.coft.phases import (
     Encoded,
     MoCoSettings,
     collaborative_filter,
+    negative_margin,
     train_dual_prompt_model,
     train_fft,
 )
@@ -199,6 +200,12 @@ class CoFT(Method):
                 models.append(model)
                 encoded.append(model.encode(task, cfg.workers))
                 self.hooks.pseudo_labels(r + 1, "all", everything, encoded[-1].logits().argmax(1), f"model {m + 1}")
+                if cfg.negative:  # does its negative prompt tell the right labels of its own training set?
+                    margin = negative_margin(encoded[-1], chosen.labels, chosen.index)
+                    self.hooks.pseudo_labels(
+                        r + 1, "filter", chosen.index, chosen.labels, f"model {m + 1} on S*", margin
+                    )
+            trained_on = selected
             # CoFT+: each model's own top-K for the next round, from this round's model
             selected = [top_k_per_class(e.logits().softmax(1), cfg.shots) for e in encoded]
         last = self.rounds()
@@ -211,15 +218,18 @@ class CoFT(Method):
         for i in range(len(encoded) if cfg.final == "average" else 1):
             validator = encoded[(i + 1) % len(encoded)]  # the other model (itself with models=1)
             confidence = None if cfg.negative else cfg.filter_confidence
-            labels, keep = collaborative_filter(encoded[i], validator, confidence)
+            labels, margin = collaborative_filter(encoded[i], validator, confidence)
+            keep = margin > 0
             clean = PseudoLabels(everything[keep], labels[keep])
+            judge = f"model {i + 1}, judged by model {(i + 1) % len(encoded) + 1}"
+            self.hooks.pseudo_labels(last, "filter", everything, labels, judge, margin)
             self.hooks.pseudo_labels(last, "clean", clean.index, clean.labels, f"model {i + 1}")
             if len(clean) == 0:
                 self.hooks.note(
                     f"{self.name}: the filter kept none of model {i + 1}'s labels (a Phase I too short for the "
-                    "negative prompt?); its fine-tuning uses the top-K set instead"
+                    "negative prompt?); its fine-tuning uses the set its Phase I trained on (S*) instead"
                 )
-                clean = selected[i]
+                clean = trained_on[i]
             weights = encoded[i].positive if student_weights is None else student_weights
             members.append(
                 train_fft(

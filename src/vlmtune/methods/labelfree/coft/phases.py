@@ -191,20 +191,25 @@ def train_dual_prompt_model(
     return DualPromptModel(tuned, prompts, tuning)
 
 
+def negative_margin(model: Encoded, labels: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(v, t+(y)) - cos(v, t-(y)) of ``model`` for the images at ``index`` (all if None) labelled ``labels``
+    (M,): > 0 = its negative prompt takes the label for clean. -> (M,)"""
+    feats = model.feats if index is None else model.feats[index]
+    return (feats * model.positive[labels]).sum(1) - (feats * model.negative[labels]).sum(1)
+
+
 def collaborative_filter(
     labeller: Encoded, validator: Encoded, confidence: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 3.2: ``labeller`` labels every image with its positive prompts, y_i = argmax_c cos(v_i, t_i+(c));
     ``validator`` keeps an image iff cos(v_j, t_j+(y_i)) > cos(v_j, t_j-(y_i)). With ``confidence`` (the
     no-negative-prompt ablation) it keeps it iff its positive-prompt softmax gives y_i at least that probability.
-    -> labels (N,), clean mask (N,) bool."""
+    -> labels (N,), the validator's margin (N,): kept iff > 0."""
     labels = labeller.logits().argmax(1)  # (N,)
     rows = torch.arange(len(labels))
     if confidence is not None:
-        return labels, validator.logits().softmax(1)[rows, labels] >= confidence
-    pos = (validator.feats * validator.positive[labels]).sum(1)  # (N,)
-    neg = (validator.feats * validator.negative[labels]).sum(1)
-    return labels, pos > neg
+        return labels, validator.logits().softmax(1)[rows, labels] - confidence + 1e-12  # >= confidence kept
+    return labels, negative_margin(validator, labels)
 
 
 @dataclass(frozen=True)
