@@ -91,6 +91,10 @@ def test_coft_filter_keeps_more_than_top_k_and_cleaner_than_the_labeller_and_the
     assert score_split(clf, toy, load_dataset("toy:toynet-noisy")["test"], None, False) == res.accuracy["test"]
 
 
+def _zero_shot(toy, dataset: str) -> float:
+    return run(RunConfig(method="zeroshot", dataset=dataset), backbone=toy, progress=False).accuracy["test"]
+
+
 @pytest.mark.parametrize("ablation", sorted(ABLATIONS))
 def test_each_ablation_runs_as_a_preset(ablation, toy):
     cfg = make_config(get_method("coft"), {"preset": ablation})
@@ -100,7 +104,8 @@ def test_each_ablation_runs_as_a_preset(ablation, toy):
         backbone=toy,
         progress=False,
     )
-    assert res.accuracy["test"] > 30.0  # 10 classes: far above chance
+    # toy:shapes is easy (zero-shot 96.8): a short CoFT must stay near it (measured 97.0 for every preset)
+    assert res.accuracy["test"] >= _zero_shot(toy, "toy:shapes") - 3
     kinds = [r["kind"] for r in res.pseudo_labels]
     assert ("clean" in kinds) == (ablation != "peft-only")
     sources = {r.get("source") for r in res.pseudo_labels if r["kind"] == "selected"}
@@ -124,7 +129,7 @@ def test_coft_plus_runs_rounds_with_momentum_contrast_and_descriptions(toy, tmp_
     res = run(RunConfig(method="coft_plus", dataset="toy:shapes", options=options), backbone=toy, progress=False)
     rounds = sorted({r["round"] for r in res.pseudo_labels if r["kind"] == "selected"})
     assert rounds == [1, 2]  # R rounds of Phase I, each on its own top-K
-    assert res.accuracy["test"] > 30.0
+    assert res.accuracy["test"] >= _zero_shot(toy, "toy:shapes") - 5
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"circle": ["a circle."]}))
     with pytest.raises(VlmtuneError, match="no sentence for 9 class"):

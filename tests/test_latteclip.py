@@ -71,7 +71,9 @@ def test_runner_reports_both_pseudo_labels_and_the_adapter_carries_the_image_tow
     tower = result.classifier.tower
     text_keys = [k for k in tower if k.startswith(("text.", "transformer.", "token_embedding"))]
     assert tower and not text_keys  # the text tower's training ends in the prototypes
-    assert result.accuracy["test"] > 50
+    # 3 steps at lr 1e-5 barely move the towers: the run must score like zero-shot (measured 96.8 for both)
+    zero_shot = run(RunConfig(method="zeroshot", dataset="toy:shapes"), backbone=toy, progress=False)
+    assert abs(result.accuracy["test"] - zero_shot.accuracy["test"]) <= 2
 
 
 def test_table3_momentum_rows_move_the_prototypes_as_the_paper_describes(toy):
