@@ -111,10 +111,11 @@ def test_failed_requests_cost_nothing(toy):
     loose = ServiceLimits(max_context_abs=1e39)
     box = LocalBlackBox(toy, QueryBudget(10), limits=loose)
     ids = box.upload([_png()])
+    decoding = box.budget.work_used  # the upload's decoding (ServiceLimits.decode_work)
     huge = np.full((2, 4, toy.token_width), 3e38, dtype=np.float32)  # finite, but it overflows the text tower
     with pytest.raises(ValueError, match="non-finite"):
         box.predict(PredictRequest(ids, ["circle", "square"], contexts=huge))
-    assert box.budget.used == 0 and box.budget.work_used == 0
+    assert box.budget.used == 0 and box.budget.work_used == decoding
     strict = LocalBlackBox(toy, QueryBudget(10))
     strict.upload([_png()])
     with pytest.raises(ValueError, match="within"):
@@ -310,3 +311,161 @@ def test_docs_work_offline(hostile):
     r = httpx.get(f"{url}/docs")
     assert r.status_code == 200 and "/v1/predict" in r.text
     assert "<script" not in r.text and "cdn" not in r.text.lower()
+
+
+# ---- issue 29: uploads bounded before decoding, keep-alive heads timed, connections per address ------------------
+def _big_png(side: int, shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (side, side), shade).save(buf, format="PNG", optimize=True)  # a few KB, side^2 pixels
+    return buf.getvalue()
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts images decoded by the box, and the most full-size images alive at once."""
+    import weakref
+
+    from vlmtune.blackbox import local
+
+    seen = {"decoded": 0, "alive": 0, "peak": 0}
+    original = local.decode_opened
+
+    def counted(im, limits):
+        rgb = original(im, limits)
+        seen["decoded"] += 1
+        seen["alive"] += 1
+        seen["peak"] = max(seen["peak"], seen["alive"])
+        weakref.finalize(rgb, lambda: seen.__setitem__("alive", seen["alive"] - 1))
+        return rgb
+
+    monkeypatch.setattr(local, "decode_opened", counted)
+    return seen
+
+
+def test_an_upload_over_quota_or_pixel_budget_decodes_nothing(toy, decodes):
+    bombs = [_big_png(1024, i) for i in range(20)]  # 20 megapixels in ~60 KB
+    full = LocalBlackBox(toy).fork(QueryBudget(10), image_quota=0)
+    with pytest.raises(Exception, match="image"):
+        full.upload(bombs)  # a key at its quota: refused from the count alone
+    box = LocalBlackBox(toy, limits=ServiceLimits(max_upload_pixels=4 * 1024 * 1024))
+    with pytest.raises(ValueError, match="pixels in one upload"):
+        box.upload(bombs)
+    assert decodes["decoded"] == 0 and box.usage().images == 0
+
+
+def test_decoding_is_charged_as_work_and_done_one_image_at_a_time(toy, decodes):
+    limits = ServiceLimits()
+    poor = LocalBlackBox(toy, limits=limits).fork(QueryBudget(10, work_limit=limits.decode_work(256 * 256) - 1))
+    with pytest.raises(Exception, match="work"):
+        poor.upload([_big_png(256, 1)])
+    assert decodes["decoded"] == 0 and poor.usage().work == 0
+    box = LocalBlackBox(toy, image_batch=4).fork(QueryBudget(10, work_limit=10**6))
+    ids = box.upload([_big_png(256, i) for i in range(6)])
+    assert len(set(ids)) == 6 and decodes["decoded"] == 6 and decodes["peak"] == 1
+    assert box.usage().work == 6 * limits.decode_work(256 * 256)
+
+
+def test_the_client_splits_uploads_by_the_pixel_budget(toy):
+    box = LocalBlackBox(toy, limits=ServiceLimits(max_upload_pixels=2 * 64 * 64))
+    app = create_app(box, {B: KeySpec(queries=10)})
+    with running_server(app) as url:
+        ids = HttpBlackBox(url, B).upload([_big_png(64, i) for i in range(5)])
+        assert len(set(ids)) == 5 and key_box(app, B).usage().images == 5
+
+
+def test_a_trickled_head_on_a_kept_alive_connection_is_dropped(hostile):
+    url, _, _ = hostile  # header_timeout 1 s
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    s.sendall(f"GET /v1/usage HTTP/1.1\r\nHost: x\r\nX-API-Key: {B}\r\n\r\n".encode())
+    assert b" 200 " in s.recv(4096).split(b"\r\n")[0]
+    start, closed = time.monotonic(), False
+    s.settimeout(0.25)
+    for byte in b"GET /v1/usage HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n":  # 4/s, never ends
+        try:
+            s.sendall(bytes([byte]))
+            closed = s.recv(100) == b""
+        except TimeoutError:
+            continue
+        except OSError:
+            closed = True
+        if closed:
+            break
+    s.close()
+    assert closed and time.monotonic() - start < 5
+
+
+def test_connections_beyond_the_per_address_limit_are_closed(toy):
+    app = create_app(LocalBlackBox(toy), {B: KeySpec(queries=10)})
+    with running_server(app, max_per_address=3) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(5)]
+        time.sleep(0.3)
+        closed = 0
+        for s in held:
+            s.settimeout(0.3)
+            try:
+                closed += s.recv(10) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed == 2
+        for s in held:
+            s.close()
+        time.sleep(0.3)  # the slots are given back
+        assert httpx.get(f"{url}/v1/usage", headers={"X-API-Key": B}).status_code == 200
+
+
+def test_the_usage_database_is_private(tmp_path):
+    db = tmp_path / "usage.sqlite"
+    store = UsageStore(db)
+    store.account(B, KeySpec(queries=5)).charge(1)
+    for f in tmp_path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f.name
+    store.close()
+
+
+def _chat(text: str = "a {} shape.", image: bytes | None = None, **extra) -> dict:
+    content: list = [{"type": "text", "text": text}]
+    if image is not None:
+        content.append(
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}
+        )
+    return {"model": "toy", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_textgen_serve_is_hardened_like_serve(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from vlmtune.textgen import serve
+    from vlmtune.textgen.backends.toy import ToyBackend
+
+    toy_gen = ToyBackend()
+
+    decoded = []
+    original = serve.decode_upload
+    monkeypatch.setattr(serve, "decode_upload", lambda data, limits: decoded.append(1) or original(data, limits))
+    store = UsageStore(tmp_path / "usage.sqlite")
+    app = serve.chat_app(toy_gen, {A: KeySpec(queries=2)}, store=store, max_body_bytes=64 * 1024)
+    with TestClient(app) as client:
+        post = client.post
+        assert post("/v1/chat/completions", json=_chat()).status_code == 401
+        key = {"Authorization": f"Bearer {A}"}
+        assert post("/v1/chat/completions", json=_chat(), headers=key).status_code == 200
+        png = _png()
+        r = post("/v1/chat/completions", json=_chat(image=png) | {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+        ] * 3}]}, headers=key)  # fmt: skip
+        assert r.status_code == 400 and "one image" in r.text and not decoded  # counted before any decoding
+        assert post("/v1/chat/completions", json=_chat("x" * 40_000), headers=key).status_code == 400
+        assert post("/v1/chat/completions", json=_chat("y" * 70_000), headers=key).status_code == 413
+        bad = {"model": "toy", "messages": [{"role": "user", "content": ["not a part"]}]}
+        assert post("/v1/chat/completions", json=bad, headers=key).status_code == 400
+        assert post("/v1/chat/completions", json=_chat(seed=2**80), headers=key).status_code == 422
+        assert post("/v1/chat/completions", json=_chat(), headers=key).status_code == 200
+        assert post("/v1/chat/completions", json=_chat(), headers=key).status_code == 429  # 2 completions
+    store.close()
+    again = serve.chat_app(toy_gen, {A: KeySpec(queries=2)}, store=UsageStore(tmp_path / "usage.sqlite"))
+    with TestClient(again) as client:  # the budget survives a restart
+        assert client.post("/v1/chat/completions", json=_chat(), headers=key).status_code == 429

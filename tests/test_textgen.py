@@ -279,10 +279,10 @@ def chat_server(toy_gen):
 
     from vlmtune.textgen.serve import chat_app
 
-    app = chat_app(toy_gen)
+    app = chat_app(toy_gen, keys=None)
     state = {"fail": 0, "delay": 0.0, "seen": 0}
 
-    @app.middleware("http")
+    @app.app.middleware("http")
     async def misbehave(request, call_next):  # rate limits and slowness on demand
         state["seen"] += 1
         if state["fail"] > 0:

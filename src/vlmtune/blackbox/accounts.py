@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import stat
@@ -97,6 +98,11 @@ class UsageStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 like keys.json (it holds key hashes and usage); SQLite gives its -wal / -shm files the same mode
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        for existing in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            if existing.exists():
+                existing.chmod(0o600)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
         with self._lock:

@@ -133,6 +133,8 @@ class ServiceLimits:
         max_upload_images: images per upload request.
         max_image_bytes: bytes of one uploaded file.
         max_pixels: width x height of one uploaded image, read from its header before decoding.
+        max_upload_pixels: width x height summed over the new images of one upload request (headers read first).
+        pixels_per_work: decoded pixels charged as one unit of work (a key's work limit counts uploads too).
         image_formats: accepted upload formats (Pillow names); nothing else is decoded.
     """
 
@@ -149,10 +151,16 @@ class ServiceLimits:
     max_upload_images: int = 1024
     max_image_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096
+    max_upload_pixels: int = 2**27
+    pixels_per_work: int = 4096
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def decode_work(self, pixels: int) -> int:
+        """The work charged for decoding ``pixels`` uploaded pixels (a 224 x 224 image: 13 units)."""
+        return -(-pixels // self.pixels_per_work)
 
     def images_per_request(self, classes: int, values_per_image: int = 0, reencoded: bool = False) -> int:
         """The most images one candidate may be scored on in one request with ``classes`` class names; images

@@ -8,6 +8,7 @@ prompts would not fit one body (one query per candidate and part: each is a forw
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,17 @@ from vlmtune.blackbox.wire import API_PREFIX, BINARY, decode_array, decode_binar
 from vlmtune.errors import require
 
 _OVERHEAD = 4096  # bytes of a request body besides its payload (keys, brackets, template)
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from an image file's header (nothing decoded); 0 when unreadable (the service says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0] * im.size[1])
+    except Exception:  # Pillow raises many types for bad files
+        return 0
 
 
 class HttpBlackBox:
@@ -79,24 +91,27 @@ class HttpBlackBox:
         return self._info
 
     def upload(self, images: list[bytes]) -> list[str]:
-        """Upload in requests that fit the service's image count and body size limits."""
+        """Upload in requests that fit the service's image count, pixel budget and body size limits."""
         info = self.info()
         per_request = min(self.upload_batch, int(info.limits.get("max_upload_images", self.upload_batch)))
+        max_pixels = int(info.limits.get("max_upload_pixels", 2**62))
         room = (info.max_body_bytes or 2**62) - _OVERHEAD
         ids: list[str] = []
         chunk: list[str] = []
-        size = 0
+        size = pixels = 0
         for i, data in enumerate(images):
             text = encode_image(data)
             if len(text) + 4 > room:
                 raise ValueError(
                     f"image {i} is {len(data)} bytes: over the service's {info.max_body_bytes}-byte body limit"
                 )
-            if chunk and (len(chunk) >= per_request or size + len(text) + 4 > room):
+            area = header_pixels(data)
+            if chunk and (len(chunk) >= per_request or size + len(text) + 4 > room or pixels + area > max_pixels):
                 ids += self._call("POST", "/images", json={"images": chunk})["ids"]
-                chunk, size = [], 0
+                chunk, size, pixels = [], 0, 0
             chunk.append(text)
             size += len(text) + 4
+            pixels += area
         if chunk:
             ids += self._call("POST", "/images", json={"images": chunk})["ids"]
         return ids

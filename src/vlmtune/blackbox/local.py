@@ -42,24 +42,36 @@ from vlmtune.blackbox.api import (
 )
 
 
-def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
-    """An uploaded file as an RGB image: only ``limits.image_formats`` are tried, and the size is read from the
-    header and checked before any pixel is decoded. Anything else raises ``ValueError`` (no internals echoed)."""
+def open_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
+    """An uploaded file opened lazily: only ``limits.image_formats`` are tried and its size is read from the header
+    and checked; no pixel is decoded yet. Anything else raises ``ValueError`` (no internals echoed)."""
     if len(data) > limits.max_image_bytes:
         raise ValueError(f"file of {len(data)} bytes; the limit is {limits.max_image_bytes}")
     try:
         with warnings.catch_warnings():  # we check the size ourselves, with a lower limit than Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=list(limits.image_formats))
-        with im:
-            w, h = im.size
-            if w * h > limits.max_pixels:
-                raise ValueError(f"image of {w} x {h} pixels; the limit is {limits.max_pixels} pixels")
-            return im.convert("RGB")
-    except ValueError:
-        raise
-    except Exception:  # Pillow raises many types for bad or truncated files
+    except Exception:  # Pillow raises many types for bad files
         raise ValueError(f"not a readable {', '.join(limits.image_formats)} file") from None
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        im.close()
+        raise ValueError(f"image of {w} x {h} pixels; the limit is {limits.max_pixels} pixels")
+    return im
+
+
+def decode_opened(im: Image.Image, limits: ServiceLimits) -> Image.Image:
+    """The pixels of an ``open_upload`` image as RGB (closes ``im``); a damaged file raises ``ValueError``."""
+    try:
+        with im:
+            return im.convert("RGB")
+    except Exception:  # Pillow raises many types for truncated files
+        raise ValueError(f"not a readable {', '.join(limits.image_formats)} file") from None
+
+
+def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
+    """An uploaded file as an RGB image, its format and size checked before any pixel is decoded."""
+    return decode_opened(open_upload(data, limits), limits)
 
 
 def pixel_affine(backbone: Backbone) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -159,32 +171,57 @@ class LocalBlackBox:
         return self._info
 
     def upload(self, images: list[bytes]) -> list[str]:
-        """Encoded PNG/JPEG/WebP files -> content ids. All are checked and decoded before any is encoded or kept."""
-        if len(images) > self.limits.max_upload_images:
-            raise ValueError(f"{len(images)} images in one upload; the limit is {self.limits.max_upload_images}")
-        ids, todo = [], {}
-        for i, data in enumerate(images):
-            image_id = hashlib.sha256(data).hexdigest()[:24]
-            ids.append(image_id)
-            if image_id not in self._features and image_id not in todo:
+        """Encoded PNG/JPEG/WebP files -> content ids, in the order of cost: the count and the image quota first,
+        then every new file's header (format, size, the request's pixel budget), then the decoding is charged as
+        work (``ServiceLimits.decode_work``), then images are decoded one at a time and each is preprocessed at once,
+        so memory holds one full-size image. A file that fails to decode stops the upload with ``ValueError``; the
+        images before it stay (content ids: sending them again stores nothing twice)."""
+        lim = self.limits
+        if len(images) > lim.max_upload_images:
+            raise ValueError(f"{len(images)} images in one upload; the limit is {lim.max_upload_images}")
+        ids = [hashlib.sha256(data).hexdigest()[:24] for data in images]
+        new: dict[str, int] = {}  # content id -> its first index in the request
+        for i, image_id in enumerate(ids):
+            if image_id not in self._features and image_id not in new:
+                new[image_id] = i
+        if self.image_quota is not None and len(self._features) + len(new) > self.image_quota:
+            raise BudgetExceeded(len(new), len(self._features), self.image_quota, "image")
+        opened: dict[str, Image.Image] = {}
+        try:
+            for image_id, i in new.items():
                 try:
-                    todo[image_id] = decode_upload(data, self.limits)
+                    opened[image_id] = open_upload(images[i], lim)
                 except ValueError as exc:
                     raise ValueError(f"image {i}: {exc}") from None
-        if self.image_quota is not None and len(self._features) + len(todo) > self.image_quota:
-            raise BudgetExceeded(len(todo), len(self._features), self.image_quota, "image")
-        new = list(todo.items())
-        for start in range(0, len(new), self.image_batch):
-            chunk = new[start : start + self.image_batch]
-            batch = torch.stack([self._backbone.preprocess(im) for _, im in chunk])  # (B, 3, H, W)
-            with self._compute, torch.no_grad():
-                feats = self._backbone.encode_images(batch).float().cpu()  # (B, D)
-            with self._lock:
-                for (image_id, _), f, px in zip(chunk, feats, batch, strict=True):
-                    self._features[image_id] = f
-                    if self._keep_pixels:
-                        self._pixels[image_id] = px
-            self.budget.record_uploads(len(chunk))
+            pixels = sum(im.size[0] * im.size[1] for im in opened.values())
+            if pixels > lim.max_upload_pixels:
+                raise ValueError(
+                    f"{pixels} pixels in one upload; the limit is {lim.max_upload_pixels}: send fewer images at once"
+                )
+            self.budget.charge(0, lim.decode_work(pixels))  # over a work limit: BudgetExceeded, nothing decoded
+            order = list(opened)
+            for start in range(0, len(order), self.image_batch):
+                chunk = order[start : start + self.image_batch]
+                tensors = []
+                for image_id in chunk:
+                    try:
+                        rgb = decode_opened(opened.pop(image_id), lim)
+                    except ValueError as exc:
+                        raise ValueError(f"image {new[image_id]}: {exc}") from None
+                    tensors.append(self._backbone.preprocess(rgb))  # (3, H, W); the full-size image is freed
+                    del rgb
+                batch = torch.stack(tensors)  # (B, 3, H, W)
+                with self._compute, torch.no_grad():
+                    feats = self._backbone.encode_images(batch).float().cpu()  # (B, D)
+                with self._lock:
+                    for image_id, f, px in zip(chunk, feats, batch, strict=True):
+                        self._features[image_id] = f
+                        if self._keep_pixels:
+                            self._pixels[image_id] = px
+                self.budget.record_uploads(len(chunk))
+        finally:
+            for im in opened.values():
+                im.close()
         return ids
 
     def upload_images(self, images: list[Image.Image]) -> list[str]:

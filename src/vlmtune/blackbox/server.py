@@ -17,8 +17,9 @@ import asyncio
 import dataclasses
 import html
 import logging
+from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,7 @@ from vlmtune.blackbox.api import BudgetExceeded, PredictRequest, QueryBudget, Un
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.blackbox.wire import API_PREFIX, BINARY, MAX_ARRAY_BYTES, decode_array, decode_image, encode_array
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 32 * 2**20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -88,6 +90,20 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited, send)
+
+
+def known_key(accounts: Mapping[str, T], authorization: str | None, x_api_key: str | None) -> T:
+    """What ``accounts`` (key hash -> account) holds for the key of a request (``X-API-Key`` or
+    ``Authorization: Bearer``); 401 when missing or unknown. The key is hashed before the lookup, which reveals
+    nothing of it."""
+    given = x_api_key
+    if given is None and authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        given = value.strip() if scheme.lower() == "bearer" else None
+    found = accounts.get(key_id(given)) if given else None
+    if found is None:
+        raise HTTPException(401, "missing or unknown API key (send 'Authorization: Bearer <key>')")
+    return found
 
 
 def _docs_page(schema: dict[str, Any]) -> str:
@@ -149,14 +165,7 @@ def create_app(
     def key_box(
         authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)
     ) -> LocalBlackBox:
-        given = x_api_key
-        if given is None and authorization is not None:
-            scheme, _, value = authorization.partition(" ")
-            given = value.strip() if scheme.lower() == "bearer" else None
-        found = boxes.get(key_id(given)) if given else None  # hash first: the lookup reveals nothing of a key
-        if found is None:
-            raise HTTPException(401, "missing or unknown API key (send 'Authorization: Bearer <key>')")
-        return found
+        return known_key(boxes, authorization, x_api_key)
 
     @app.exception_handler(BudgetExceeded)
     async def _budget(_: Request, exc: BudgetExceeded) -> JSONResponse:
@@ -234,19 +243,49 @@ def server_config(
     header_timeout: float = 10.0,
     max_connections: int = 512,
     log_level: str = "warning",
+    max_per_address: int = 64,
 ) -> Any:
-    """A uvicorn config that drops connections which do not send a request head within ``header_timeout``
-    seconds and answers 503 beyond ``max_connections`` (uvicorn alone waits forever for a half-sent head)."""
+    """A uvicorn config that drops a connection whose next request head does not arrive within ``header_timeout``
+    seconds of its opening or of its last response (uvicorn alone waits forever for a half-sent head, and a trickled
+    head on a kept-alive connection cancels its keep-alive timer), closes connections beyond ``max_per_address``
+    from one address, and answers 503 beyond ``max_connections`` in all."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    open_from: Counter[str] = Counter()  # connections held per peer address (the event loop's thread only)
+
     class TimedH11Protocol(H11Protocol):
+        peer: str | None = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.loop.call_later(header_timeout, self._drop_if_no_request)
+            address = (transport.get_extra_info("peername") or ("?",))[0]
+            if open_from[address] >= max_per_address:
+                transport.close()
+                return
+            self.peer = address
+            open_from[address] += 1
+            self._await_head(None)
 
-        def _drop_if_no_request(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None:
+                open_from[self.peer] -= 1
+                if open_from[self.peer] <= 0:
+                    del open_from[self.peer]
+                self.peer = None
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            previous = self.cycle  # a pipelined request may start a new cycle inside the call below
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_head(previous)
+
+        def _await_head(self, previous: Any) -> None:
+            self.loop.call_later(header_timeout, self._drop_if_no_new_request, previous)
+
+        def _drop_if_no_new_request(self, previous: Any) -> None:
+            if self.cycle is previous and not self.transport.is_closing():
                 self.transport.close()
 
     if host not in LOOPBACK:

@@ -129,3 +129,23 @@ def apply_config(parser: argparse.ArgumentParser, config: dict[str, Any], path: 
         if action.choices is not None and value not in action.choices and not isinstance(value, list):
             raise VlmtuneError(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}")
         parser.set_defaults(**{name: value})
+
+
+def add_key_flags(p: argparse.ArgumentParser, state: str, budget: int, unit: str) -> None:
+    """The flags of a service's keys, usage database and body limit (``vlmtune serve``, ``textgen-serve``)."""
+    p.add_argument("--keys", default=None, help='keys file {"<key>": budget | null | {"queries", "work", "images"}}')
+    p.add_argument("--state", default=state, help="folder of the usage database and generated keys")
+    p.add_argument("--budget", type=int, default=budget, help=f"{unit} budget of the generated key (without --keys)")
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+
+
+def service_keys(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """(the keys of ``--keys``, or of a generated key file in ``--state``; the usage database's path)."""
+    from vlmtune.blackbox.accounts import generate_keys, load_keys, state_paths
+
+    keys_file, db = state_paths(args.state)
+    if args.keys is not None:
+        return dict(load_keys(args.keys)), db
+    keys = generate_keys(keys_file, args.budget)
+    print(f"API key in {keys_file} (readable by you only): {len(keys)} key(s)", flush=True)
+    return dict(keys), db

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlmtune.cli.common import Command
+from vlmtune.cli.common import Command, add_key_flags, service_keys
 from vlmtune.settings import PRECISION_HELP
 
 
@@ -14,11 +14,8 @@ def add(command: Command) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--keys", default=None, help='keys file {"<key>": budget | null | {"queries", "work", "images"}}')
-    p.add_argument("--state", default="vlmtune-service", help="folder of the usage database and generated keys")
-    p.add_argument("--budget", type=int, default=8000, help="query budget of the generated key (without --keys)")
+    add_key_flags(p, "vlmtune-service", 8000, "query")
     p.add_argument("--name", default=None, help="public model name (default: the backbone spec)")
-    p.add_argument("--max-body-mb", type=int, default=32)
     p.add_argument("--max-reply-mb", type=int, default=256, help="largest reply (binary float32)")
     p.add_argument("--max-classes", type=int, default=2000, help="class names per request")
     p.add_argument("--max-images", type=int, default=20000, help="image ids per request")
@@ -47,17 +44,12 @@ def execute(args: argparse.Namespace) -> int:
     require("fastapi", "serve", "vlmtune serve")
     uvicorn = require("uvicorn", "serve", "vlmtune serve")
     from vlmtune.backbones import load_backbone
-    from vlmtune.blackbox.accounts import UsageStore, generate_keys, load_keys, state_paths
+    from vlmtune.blackbox.accounts import UsageStore
     from vlmtune.blackbox.api import ServiceLimits
     from vlmtune.blackbox.local import LocalBlackBox
     from vlmtune.blackbox.server import create_app, server_config
 
-    keys_file, db = state_paths(args.state)
-    if args.keys is not None:
-        keys = load_keys(args.keys)
-    else:
-        keys = generate_keys(keys_file, args.budget)
-        print(f"API key in {keys_file} (readable by you only): {len(keys)} key(s)", flush=True)
+    keys, db = service_keys(args)
     limits = ServiceLimits(
         max_images=args.max_images, max_classes=args.max_classes, max_reply_values=args.max_reply_mb * 2**20 // 4
     )

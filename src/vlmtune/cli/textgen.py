@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmtune.cli.common import Command, add_backbone_and_cache, add_exec_flags, progress
+from vlmtune.cli.common import Command, add_backbone_and_cache, add_exec_flags, add_key_flags, progress, service_keys
 from vlmtune.settings import ExecSettings
 
 
@@ -50,6 +50,8 @@ def add(command: Command) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8766)
+    add_key_flags(p, "vlmtune-textgen-service", 100_000, "completion")
+    p.add_argument("--no-keys", action="store_true", help="serve anyone without a key (trusted loopback only)")
     p.set_defaults(fn=execute_serve)
 
 
@@ -101,10 +103,19 @@ def execute_serve(args: argparse.Namespace) -> int:
 
     require("fastapi", "serve", "vlmtune textgen-serve")
     uvicorn = require("uvicorn", "serve", "vlmtune textgen-serve")
+    from vlmtune.blackbox.accounts import UsageStore
+    from vlmtune.blackbox.server import server_config
     from vlmtune.textgen import load_generator
     from vlmtune.textgen.serve import chat_app
 
     generator = load_generator(args.textgen or "toy", args.textgen_model, device=args.device)
+    if args.no_keys:
+        keys, store = None, None
+        print("serving without API keys (--no-keys): anyone who reaches the port may generate", flush=True)
+    else:
+        found, db = service_keys(args)
+        keys, store = found, UsageStore(db)
+    app = chat_app(generator, keys, store=store, max_body_bytes=args.max_body_mb * 2**20)
     print(f"serving {generator.name}:{generator.model} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(chat_app(generator), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(server_config(app, args.host, args.port)).run()
     return 0
