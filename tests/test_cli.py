@@ -55,6 +55,10 @@ def test_fit_eval_predict(tmp_path, capsys):
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 3 and all(r["prediction"] in test.classnames for r in rows)
     assert all(0 < float(r["confidence"]) <= 1 for r in rows)
+    for r in rows:  # a confidence for every rank, in order
+        ranked = [float(r["confidence"]), float(r["top2_confidence"]), float(r["top3_confidence"])]
+        assert ranked == sorted(ranked, reverse=True) and sum(ranked) <= 1.0001
+        assert len({r["prediction"], r["top2"], r["top3"]}) == 3
 
 
 def test_zeroshot_predict_with_new_classnames(tmp_path, capsys):
@@ -74,6 +78,20 @@ def test_list_and_errors(capsys):
     assert main(["-q", "fit", "--method", "linear-probe", "--dataset", "toy:shapes", "--no-cache"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'linear-probe'; did you mean 'linear_probe'?" in err and len(err.splitlines()) == 1
+
+
+def test_usage_and_path_errors_are_one_line_naming_the_flag(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--shots", "four"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "usage:" not in err
+    assert "--shots" in err and "'four'" in err and "vlmtune fit --help" in err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    out = blocked / "run"  # under a file: cannot be created
+    assert main(["-q", "fit", "--method", "zeroshot", "--dataset", "toy:shapes", "--no-cache", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vlmtune: error: --out {out}:") and "Errno" not in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -357,3 +375,29 @@ def test_a_hard_query_limit_below_the_method_budget_ends_cleanly(tmp_path, capsy
     results = json.loads((out / "results.json").read_text())
     assert results["queries"] <= 100 and any("allows 100 queries" in n for n in results["notes"])
     assert "allows 100 queries" in capsys.readouterr().out and (out / "adapter" / "adapter.json").is_file()
+
+
+def test_the_toy_backbone_on_a_real_dataset_says_so(tmp_path, capsys, caplog):
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(tmp_path / "photos" / name / f"{i}.jpg")
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "eval", "--dataset", f"folder:{tmp_path / 'photos'}", "--no-cache"]) == 0
+    assert "knows only the toy world" in caplog.text and "openclip:" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "eval", "--dataset", "toy:shapes", "--no-cache"]) == 0
+    assert "toy world" not in caplog.text
+
+
+def test_default_run_directories_name_the_backbone_or_the_service():
+    from vlmtune.cli.fit import default_run_dir
+    from vlmtune.runs.runner import RunConfig
+
+    local = RunConfig(method="craft", dataset="toy:shapes", shots=4)
+    served = RunConfig(method="craft", dataset="toy:shapes", shots=4, service="http://127.0.0.1:8765")
+    real = RunConfig(method="coop", dataset="caltech101", shots=16, backbone="openclip:ViT-B-16@openai")
+    assert default_run_dir(local) == "runs/craft-toy_shapes-4shot-seed1"
+    assert default_run_dir(served) == "runs/craft-toy_shapes-4shot-seed1-service" != default_run_dir(local)
+    assert default_run_dir(real) == "runs/coop-caltech101-16shot-seed1-openclip_ViT-B-16_openai"

@@ -12,8 +12,14 @@ from tests.conftest import FAST_COFT
 from vlmtune import load_dataset
 from vlmtune.errors import VlmtuneError
 from vlmtune.methods.common.text import read_descriptions
-from vlmtune.methods.labelfree.coft.methods import ABLATIONS
-from vlmtune.methods.labelfree.coft.phases import DualLoss, Encoded, collaborative_filter, dual_loss
+from vlmtune.methods.labelfree.coft.methods import ABLATIONS, CoFTClassifier
+from vlmtune.methods.labelfree.coft.phases import (
+    DualLoss,
+    Encoded,
+    collaborative_filter,
+    dual_loss,
+    fft_contrast_loss,
+)
 from vlmtune.methods.registry import get_method, load_classifier, make_config
 from vlmtune.runs.runner import RunConfig, run, score_split
 
@@ -146,3 +152,36 @@ def test_descriptions_files_are_checked(tmp_path, text):
     path.write_text(text)
     with pytest.raises(VlmtuneError, match="descriptions file"):
         read_descriptions(path)
+
+
+def test_fft_loss_is_eq7_on_the_clean_images_plus_gamma_times_eq9():
+    g = torch.Generator().manual_seed(3)
+    logits, contrast = torch.randn(5, 4, generator=g), torch.randn(5, 7, generator=g)  # (B, K), (B, 1 + Q)
+    y = torch.tensor([2, -1, 0, -1, 3])  # -1: not in the clean set
+    clean = y >= 0
+    l_fft = -(logits.log_softmax(1)[clean.nonzero()[:, 0], y[clean]]).mean()  # Eq. (7): mean CE over clean only
+    l_cont = -(contrast.log_softmax(1)[:, 0]).mean()  # Eq. (9): the positive key is column 0
+    for gamma in (0.0, 1.0, 0.3):
+        torch.testing.assert_close(fft_contrast_loss(logits, y, contrast, gamma), l_fft + gamma * l_cont)  # Eq. (10)
+    none = torch.full((5,), -1)
+    torch.testing.assert_close(fft_contrast_loss(logits, none, contrast, 1.0), l_cont)  # no clean image: L_cont only
+
+
+class _Member(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = w
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        return 10 * f @ self.w.T
+
+
+def test_the_final_prediction_averages_both_models_probabilities():
+    g = torch.Generator().manual_seed(4)
+    w1, w2 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    f1 = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    f2 = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    ens = CoFTClassifier(["a", "b", "c"], [_Member(w1), _Member(w2)])  # type: ignore[list-item]
+    expected = ((10 * f1 @ w1.T).softmax(1) + (10 * f2 @ w2.T).softmax(1)) / 2  # (N, K)
+    got = ens.logits(torch.cat([3 * f1, 0.5 * f2], 1))  # each member's features are normalised on their own
+    torch.testing.assert_close(got.exp(), expected)

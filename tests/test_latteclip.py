@@ -10,7 +10,16 @@ from conftest import FAST_OPTIONS
 from vlmtune.data import load_dataset
 from vlmtune.methods.common.text import class_text_weights
 from vlmtune.methods.labelfree.contrastive import clip_loss, epochs_for
-from vlmtune.methods.labelfree.latteclip import ABLATIONS, mixed_text, mixer_weights, momentum_update, prototype_text
+from vlmtune.methods.labelfree.latteclip import (
+    ABLATIONS,
+    LatteCLIPConfig,
+    dual_loss,
+    fine_tuned_labels,
+    mixed_text,
+    mixer_weights,
+    momentum_update,
+    prototype_text,
+)
 from vlmtune.methods.registry import get_method, make_config
 from vlmtune.runs.protocols import final_pseudo_label_accuracy
 from vlmtune.runs.runner import FeatureSource, RunConfig, make_task, run
@@ -117,3 +126,29 @@ def test_protocol_tables_report_the_fine_tuned_models_last_labels():
     reclip = [row(1, "all", 70.0, "ReCLIP-T"), row(1, "all", 60.0, "ReCLIP-V")]
     assert final_pseudo_label_accuracy(reclip) == 65.0
     assert final_pseudo_label_accuracy([*reclip, row(1, "selected", 90.0, "agreeing")]) == 90.0
+
+
+def test_c_ft_is_the_nearest_prototype_and_the_loss_is_l_zs_plus_l_ft():
+    g = torch.Generator().manual_seed(5)
+    protos = torch.randn(4, 8, generator=g) * 3  # (K, D), not normalised (the momentum update leaves them so)
+    f = F.normalize(torch.randn(6, 8, generator=g), dim=-1)  # (B, D)
+    c_ft = fine_tuned_labels(f, protos)
+    cos = f @ F.normalize(protos, dim=-1).T
+    assert torch.equal(c_ft, cos.argmax(1))
+    c_zs = (c_ft + 1) % 4  # disagreeing labels: the two terms differ
+    g_class = F.normalize(torch.randn(4, 8, generator=g), dim=-1)  # T^class features (K, D)
+    shared = [F.normalize(torch.randn(6, 8, generator=g), dim=-1)]  # T^image (B, D)
+
+    def term(labels):
+        t = prototype_text(mixed_text([g_class[labels], *shared], protos, True), protos, labels, 0.9)  # Eq. (1)-(2)
+        return clip_loss(f, t, 50.0)  # Eq. (3)
+
+    both = LatteCLIPConfig(alpha=0.9)
+    total, moved = dual_loss(f, c_zs, c_ft, g_class, shared, protos, both, 50.0)
+    torch.testing.assert_close(total, term(c_zs) + term(c_ft))  # L_zs + L_ft, summed (Sec. 3.3)
+    assert [torch.equal(lab, ref) for (lab, _), ref in zip(moved, (c_zs, c_ft), strict=True)] == [True, True]
+    zs_only, moved = dual_loss(f, c_zs, c_ft, g_class, shared, protos, LatteCLIPConfig(alpha=0.9, use_ft=False), 50.0)
+    torch.testing.assert_close(zs_only, term(c_zs))
+    assert len(moved) == 1
+    ft_only, _ = dual_loss(f, c_zs, c_ft, g_class, shared, protos, LatteCLIPConfig(alpha=0.9, use_zs=False), 50.0)
+    torch.testing.assert_close(ft_only, term(c_ft))

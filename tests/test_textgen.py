@@ -167,6 +167,17 @@ def test_group_members_share_the_pseudo_label_and_are_reproducible():
     assert set(groups[7]) == {7}  # a class of one: that image four times
 
 
+def test_groups_drawn_by_content_do_not_depend_on_the_order_of_the_images():
+    labels = np.array([0, 1, 0, 0, 1, 0, 1, 1, 0])
+    keys = [f"{(37 * i) % 101:024x}" for i in range(len(labels))]
+    groups = group_members(labels, 3, seed=2, keys=keys)
+    order = np.random.default_rng(0).permutation(len(labels))  # the run's seed-shuffled order
+    shuffled = group_members(labels[order], 3, seed=2, keys=[keys[j] for j in order])
+    for pos, i in enumerate(order):  # the same images (by content) in every image's group
+        assert sorted(keys[order[j]] for j in shuffled[pos]) == sorted(keys[j] for j in groups[i])
+    assert group_members(labels, 3, seed=5, keys=keys) != groups  # the seed still matters
+
+
 def test_group_descriptions_cache_by_members(tmp_path, toy_gen, shapes_train):
     split = small(shapes_train, 8)
     stage = TextStage("toy", cache=TextCache(tmp_path), progress=False, _generator=toy_gen)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from vlmtune._version import __version__
 from vlmtune.cli import evaluate, fit, listing, predict, protocol, reproduce, serve, textgen, tour
@@ -26,11 +27,31 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return errors + ((api.BudgetExceeded,) if api is not None else ())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line that names the command and where its usage is (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def os_error_message(exc: OSError, args: argparse.Namespace) -> str:
+    """An ``OSError`` as one line naming the flag whose path it concerns (``--out /proc/nope: No such file ...``)."""
+    name = exc.filename
+    if name is None:
+        return str(exc)
+    for key, value in vars(args).items():
+        if isinstance(value, str | Path) and str(value) and key not in ("fn", "command"):
+            given = str(value).rstrip("/")
+            if str(name) == given or str(name).startswith(given + "/"):
+                return f"--{key.replace('_', '-')} {value}: {exc.strerror or exc}"
+    return f"{name}: {exc.strerror or exc}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity = OneLineParser(add_help=False)
     verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
     verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="vlmtune", description="Adapt CLIP-style vision-language models to your task.", parents=[verbosity]
     )
     ap.add_argument("--version", action="version", version=f"vlmtune {__version__}")
@@ -63,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             log.exception("details")
         message = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, OSError) and not isinstance(exc, VlmtuneError):
+            message = os_error_message(exc, args)
         if usage:
             print(f"vlmtune: error: {message}", file=sys.stderr)
             return EXIT_USAGE

@@ -59,7 +59,7 @@ def execute(args: argparse.Namespace) -> int:
     from vlmtune.methods.api import Task
     from vlmtune.methods.frozen.zeroshot import zero_shot_classifier
     from vlmtune.metrics import classification_metrics
-    from vlmtune.runs.runner import FeatureSource, open_cache, split_logits
+    from vlmtune.runs.runner import FeatureSource, open_cache, split_logits, warn_if_toy_outside_its_world
 
     if args.run is None and args.dataset is None:
         raise VlmtuneError("eval needs --run (a saved run) or --dataset (zero-shot evaluation)")
@@ -73,6 +73,7 @@ def execute(args: argparse.Namespace) -> int:
         spec, dataset, data_root, config = args.backbone or "toy", args.dataset, args.data_root, {}
     if not dataset:
         raise VlmtuneError(f"{args.run}: the run names no dataset; give --dataset")
+    warn_if_toy_outside_its_world(spec, dataset)
     backbone = load_backbone(spec, args.device or "cpu")
     splits = load_dataset(dataset, data_root, args.skip_corrupt)
     if args.split not in splits:

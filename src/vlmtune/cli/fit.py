@@ -55,7 +55,11 @@ def add(command: Command) -> None:
     p.add_argument("--subsample", choices=("all", "base", "new"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--preset", default=None, help="a method's named option set (e.g. craft: carrot, reference)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-<k>shot-seed<s>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default: runs/<method>-<dataset>-<k>shot-seed<s>[-<backbone>|-service])",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--query-budget", type=int, default=None, help="hard limit of the training black box")
     p.add_argument("--resume", action="store_true", help="continue the black-box run stopped in --out")
@@ -97,12 +101,23 @@ def fit_config(args: argparse.Namespace) -> Any:
     return RunConfig.from_json(merged)
 
 
+def default_run_dir(cfg: Any) -> str:
+    """runs/<method>-<dataset>-<k>shot-seed<s>, + -<backbone> where it is not the toy's and -service for a run
+    against a service, so a local and a service run (or two backbones) never share a directory."""
+    safe = str.maketrans({":": "_", "/": "_", "@": "_"})
+    name = f"{cfg.method}-{cfg.dataset.translate(safe).strip('_')}-{cfg.shots}shot-seed{cfg.seed}"
+    if cfg.service:
+        name += "-service"
+    elif cfg.backbone not in (None, "toy"):
+        name += "-" + str(cfg.backbone).translate(safe).strip("_")
+    return f"runs/{name}"
+
+
 def execute(args: argparse.Namespace) -> int:
     from vlmtune.runs.runner import open_cache, run, with_shots
 
     cfg = with_shots(fit_config(args))
-    name = cfg.dataset.replace(":", "_").replace("/", "_").strip("_")
-    out = Path(args.out or f"runs/{cfg.method}-{name}-{cfg.shots}shot-seed{cfg.seed}")
+    out = Path(args.out or default_run_dir(cfg))
     result = run(
         cfg,
         out_dir=out,

@@ -89,7 +89,8 @@ def execute(args: argparse.Namespace) -> int:
     k = min(args.top_k, len(clf.classnames))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "prediction", "confidence"] + [f"top{i + 1}" for i in range(1, k)])
+    ranks = [col for i in range(2, k + 1) for col in (f"top{i}", f"top{i}_confidence")]
+    writer.writerow(["path", "prediction", "confidence", *ranks])
     skipped = 0
     for start in tqdm(range(0, len(files), 64), desc="predicting", unit="batch", disable=not progress(args)):
         batch, images = [], []
@@ -113,7 +114,8 @@ def execute(args: argparse.Namespace) -> int:
             logits = clf.predict_images(backbone, torch.stack([prep(im) for im in images]))
         conf, idx = logits.softmax(-1).topk(k, dim=-1)  # (B, k)
         for f, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
-            writer.writerow([str(f), clf.classnames[i[0]], f"{c[0]:.4f}"] + [clf.classnames[j] for j in i[1:]])
+            ranked = [v for j, cj in zip(i, c, strict=True) for v in (clf.classnames[j], f"{cj:.4f}")]
+            writer.writerow([str(f), *ranked])
     if args.out == "-":
         sys.stdout.write(buffer.getvalue())
     else:

@@ -57,6 +57,18 @@ log = logging.getLogger(__name__)
 RUN_MARKERS = ("config.json", "results.json", "adapter", "state")
 
 
+def warn_if_toy_outside_its_world(backbone: str | None, dataset: str) -> None:
+    """The toy CLIP knows only its procedural world: on any other dataset say so once, naming a real backbone."""
+    spec = backbone or "toy"
+    if (spec == "toy" or spec.startswith("toy:")) and not dataset.startswith("toy:"):
+        log.warning(
+            "the %s backbone knows only the toy world (toy:* datasets); on %s expect chance-level accuracy: "
+            "use a real one, e.g. --backbone openclip:ViT-B-32@openai",
+            spec,
+            dataset,
+        )
+
+
 @dataclass(frozen=True)
 class RunConfig(ExecSettings):
     """Everything that determines a run's result.
@@ -395,6 +407,8 @@ def run(
     if folder is not None:
         prepare_run_dir(folder, resume, overwrite)
     if cfg.service is None:
+        if backbone is None:
+            warn_if_toy_outside_its_world(cfg.backbone, cfg.dataset)
         backbone = backbone or load_backbone(cfg.backbone, device_for(cfg.device))
     splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
     if "test" not in splits:

@@ -107,14 +107,20 @@ class TextStage:
         return [found[k] for k in keys]
 
 
-def group_members(labels: np.ndarray, size: int = 4, seed: int = 0) -> list[list[int]]:
+def group_members(
+    labels: np.ndarray, size: int = 4, seed: int = 0, keys: Sequence[str] | None = None
+) -> list[list[int]]:
     """For each image, ``size`` images with its pseudo-label drawn at random (without replacement where the class
-    has enough; the image itself is not guaranteed to be among them: the LatteCLIP code's rule)."""
+    has enough; the image itself is not guaranteed to be among them: the LatteCLIP code's rule). With ``keys`` (the
+    images' content hashes) each image's draw depends on its key and its class's keys alone, not on the order of the
+    images: a run's seed-shuffled order and ``vlmtune textgen --kind group`` draw the same groups."""
     by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+    if keys is not None:  # each class's pool in key order, each image's generator from its key
+        by_class = {c: pool[np.argsort([keys[j] for j in pool], kind="stable")] for c, pool in by_class.items()}
     out = []
     for i, c in enumerate(labels):
         pool = by_class[int(c)]
-        rng = np.random.default_rng([seed, i])
+        rng = np.random.default_rng([seed, i] if keys is None else [seed, int(keys[i][:15], 16)])
         out.append([int(j) for j in rng.choice(pool, size, replace=len(pool) < size)])
     return out
 
@@ -173,7 +179,7 @@ class DatasetTexts:
     def group_descriptions(self, pseudo_labels: np.ndarray, size: int = 4, seed: int = 0) -> list[str]:
         """T^group for every image: ``size`` images sharing its pseudo-label, collaged (LatteCLIP's 2 x 2 for 4)."""
         hashes = self.image_hashes()
-        groups = group_members(np.asarray(pseudo_labels), size, seed)
+        groups = group_members(np.asarray(pseudo_labels), size, seed, hashes)
         items = []
         for i, members in enumerate(groups):
             digest = hashlib.sha256(f"collage/{CANVAS}/{GAP}/".encode() + "/".join(hashes[j] for j in members).encode())

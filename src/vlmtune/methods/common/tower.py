@@ -173,7 +173,7 @@ class TowerEnsemble(Classifier):
         return cast(list[TowerClassifier], list(self.members))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        parts = F.normalize(features.float(), dim=-1).chunk(len(self.members), dim=-1)  # M x (N, D)
+        parts = [F.normalize(p, dim=-1) for p in features.float().chunk(len(self.members), dim=-1)]  # M x (N, D)
         logits = torch.stack([m.logits(f) for m, f in zip(self.towers(), parts, strict=True)])  # (M, N, K)
         if self.average == "logits":
             return logits.mean(0)

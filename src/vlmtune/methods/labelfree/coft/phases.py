@@ -230,6 +230,17 @@ def _projection(width: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
 
 
+def fft_contrast_loss(logits: torch.Tensor, y: torch.Tensor, contrast: torch.Tensor, weight: float) -> torch.Tensor:
+    """Eq. (10): L_FFT + gamma L_cont. L_FFT (Eq. 7) = CE of the head's ``logits`` (B, K) on the batch's clean images
+    (``y`` (B,), -1 = not in the clean set); L_cont (Eq. 9) = InfoNCE on ``contrast`` (B, 1 + Q), the positive key
+    in column 0 (``MoCoQueue.logits``)."""
+    ce = F.cross_entropy(logits, y.clamp_min(0), reduction="none")  # (B,)
+    labelled = (y >= 0).float()
+    l_fft = (ce * labelled).sum() / labelled.sum().clamp_min(1)  # Eq. (7) on the clean images of the batch
+    l_cont = F.cross_entropy(contrast, torch.zeros(len(contrast), dtype=torch.long, device=contrast.device))
+    return l_fft + weight * l_cont  # Eq. (10)
+
+
 def train_fft(
     cls: type[TowerClassifier],
     base: Backbone,
@@ -283,16 +294,12 @@ def train_fft(
     queue = MoCoQueue(size, moco.dim, generator).to(device)
 
     def loss(xs: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(head(tuned.encode_images(xs)), y.clamp_min(0), reduction="none")  # (B,)
-        labelled = (y >= 0).float()
-        l_fft = (ce * labelled).sum() / labelled.sum().clamp_min(1)  # Eq. (7) on the clean images of the batch
         q = online["mlp"](tuned.encode_images(xq))  # (B, dim)
         with torch.no_grad():
             k = averaged["mlp"](key.encode_images(xk))
-        logits = queue.logits(q.float(), k.float(), moco.temperature)  # (B, 1 + Q), Eq. (9)
-        l_cont = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=logits.device))
+        contrast = queue.logits(q.float(), k.float(), moco.temperature)  # (B, 1 + Q), Eq. (9)
         queue.push(k)
-        return l_fft + moco.weight * l_cont  # Eq. (10)
+        return fft_contrast_loss(head(tuned.encode_images(xs)), y, contrast, moco.weight)
 
     targets = torch.full((n,), -1, dtype=torch.long)
     targets[clean.index] = clean.labels
