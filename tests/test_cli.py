@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 
 import pytest
@@ -401,3 +402,15 @@ def test_default_run_directories_name_the_backbone_or_the_service():
     assert default_run_dir(local) == "runs/craft-toy_shapes-4shot-seed1"
     assert default_run_dir(served) == "runs/craft-toy_shapes-4shot-seed1-service" != default_run_dir(local)
     assert default_run_dir(real) == "runs/coop-caltech101-16shot-seed1-openclip_ViT-B-16_openai"
+
+
+def test_progress_bars_refresh_rarely_when_stderr_is_not_a_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vlmtune", "fit", "--method", "coop", "--dataset", "toy:shapes", "--shots", "4"]
+    cmd += ["--set", "epochs=400", "--no-cache", "--out", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # stderr: a pipe
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stderr.count("\r") < 20  # a few lines per bar, not one per tenth of a second

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -65,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def quiet_bars_off_a_terminal() -> None:
+    """With stderr redirected (a file, a pipe, a batch job's log), progress bars refresh every 30 s instead of many
+    times a second (tqdm reads ``TQDM_*`` defaults from the environment; a user's own setting wins)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_bars_off_a_terminal()
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
