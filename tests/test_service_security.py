@@ -469,3 +469,27 @@ def test_textgen_serve_is_hardened_like_serve(tmp_path, monkeypatch):
     again = serve.chat_app(toy_gen, {A: KeySpec(queries=2)}, store=UsageStore(tmp_path / "usage.sqlite"))
     with TestClient(again) as client:  # the budget survives a restart
         assert client.post("/v1/chat/completions", json=_chat(), headers=key).status_code == 429
+
+
+def test_ctrl_c_stops_the_service_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vlmtune", "serve", "--port", str(port), "--state", str(tmp_path / "state")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and time.monotonic() - start < 5
+    assert out.strip().splitlines()[-1].startswith("vlmtune serve: stopped") and "Traceback" not in err

@@ -300,5 +300,6 @@ def server_config(
         http=TimedH11Protocol,
         limit_concurrency=max_connections,
         timeout_keep_alive=5,
+        timeout_graceful_shutdown=3,  # Ctrl-C: requests in flight get 3 s, then the server stops
         log_level=log_level,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from vlmtune.cli.common import Command, add_key_flags, service_keys
 from vlmtune.settings import PRECISION_HELP
@@ -63,5 +64,7 @@ def execute(args: argparse.Namespace) -> int:
     )
     app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20)
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (docs at /docs; usage in {db})", flush=True)
-    uvicorn.Server(server_config(app, args.host, args.port)).run()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: one line, exit 0
+        uvicorn.Server(server_config(app, args.host, args.port)).run()
+    print(f"vlmtune serve: stopped (usage kept in {db})", flush=True)
     return 0

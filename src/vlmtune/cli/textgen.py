@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 from vlmtune.cli.common import Command, add_backbone_and_cache, add_exec_flags, add_key_flags, progress, service_keys
@@ -117,5 +118,7 @@ def execute_serve(args: argparse.Namespace) -> int:
         keys, store = found, UsageStore(db)
     app = chat_app(generator, keys, store=store, max_body_bytes=args.max_body_mb * 2**20)
     print(f"serving {generator.name}:{generator.model} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.Server(server_config(app, args.host, args.port)).run()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: one line, exit 0
+        uvicorn.Server(server_config(app, args.host, args.port)).run()
+    print("vlmtune textgen-serve: stopped", flush=True)
     return 0
