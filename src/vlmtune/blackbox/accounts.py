@@ -181,6 +181,14 @@ class StoredBudget(QueryBudget):
         self.store.execute("UPDATE usage SET uploads = uploads + ? WHERE key = ?", (n, self.kid))
 
 
+def key_budget(key: str, spec: KeySpec | QueryBudget, store: UsageStore | None) -> QueryBudget:
+    """A key's budget: a ``QueryBudget`` given as is, or its ``KeySpec``'s account in ``store`` (in memory without
+    a store; then it does not survive a restart)."""
+    if isinstance(spec, QueryBudget):
+        return spec
+    return store.account(key, spec) if store is not None else QueryBudget(spec.queries, work_limit=spec.work)
+
+
 def state_paths(state_dir: str | Path) -> tuple[Path, Path]:
     """(generated keys file, usage database) of a service state folder."""
     folder = Path(state_dir).expanduser()

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_id
+from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_budget, key_id
 from vlmtune.blackbox.api import BudgetExceeded, PredictRequest, QueryBudget, UnknownImages
 from vlmtune.blackbox.local import LocalBlackBox
 from vlmtune.blackbox.wire import API_PREFIX, BINARY, MAX_ARRAY_BYTES, decode_array, decode_image, encode_array
@@ -153,12 +153,8 @@ def create_app(
     box.with_body_limit(max_body_bytes)
     boxes: dict[str, LocalBlackBox] = {}
     for key, spec in keys.items():
-        if isinstance(spec, QueryBudget):
-            budget, quota = spec, None
-        else:
-            budget = store.account(key, spec) if store is not None else QueryBudget(spec.queries, work_limit=spec.work)
-            quota = spec.images
-        boxes[key_id(key)] = box.fork(budget, quota)
+        quota = None if isinstance(spec, QueryBudget) else spec.images
+        boxes[key_id(key)] = box.fork(key_budget(key, spec, store), quota)
     app = FastAPI(title="vlmtune black-box VLM", version="1", description=__doc__, docs_url=None, redoc_url=None)
     app.state.boxes = boxes  # key hash -> that key's box (for operators and tests)
 

@@ -41,7 +41,7 @@ def os_error_message(exc: OSError, args: argparse.Namespace) -> str:
     if name is None:
         return str(exc)
     for key, value in vars(args).items():
-        if isinstance(value, str | Path) and str(value) and key not in ("fn", "command"):
+        if isinstance(value, str | Path) and str(value) and key != "command":
             given = str(value).rstrip("/")
             if str(name) == given or str(name).startswith(given + "/"):
                 return f"--{key.replace('_', '-')} {value}: {exc.strerror or exc}"

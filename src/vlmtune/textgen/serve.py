@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_id
+from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_budget, key_id
 from vlmtune.blackbox.api import BudgetExceeded, QueryBudget, ServiceLimits
 from vlmtune.blackbox.local import decode_upload
 from vlmtune.blackbox.server import DEFAULT_MAX_BODY, BodyLimit, known_key
@@ -90,12 +90,7 @@ def chat_app(
     limits = limits or ServiceLimits()
     app = FastAPI(title=f"vlmtune text generation ({generator.name}: {generator.model})", docs_url=None, redoc_url=None)
     lock = threading.Lock()
-    budgets: dict[str, QueryBudget] = {}
-    for key, spec in (keys or {}).items():
-        if isinstance(spec, QueryBudget):
-            budgets[key_id(key)] = spec
-        else:
-            budgets[key_id(key)] = store.account(key, spec) if store is not None else QueryBudget(spec.queries)
+    budgets = {key_id(key): key_budget(key, spec, store) for key, spec in (keys or {}).items()}
 
     def account(
         authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)
