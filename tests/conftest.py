@@ -210,7 +210,9 @@ def toy_setup(toy):
 
 
 @contextlib.contextmanager
-def running_server(app, header_timeout: float = 10.0, max_connections: int = 512, max_per_address: int = 64):
+def running_server(
+    app, header_timeout: float = 10.0, max_connections: int = 512, max_per_address: int = 64, send_timeout: float = 30.0
+):
     """Serve an ASGI app on a free loopback port in a thread; yields its URL."""
     import threading
     import time
@@ -220,7 +222,7 @@ def running_server(app, header_timeout: float = 10.0, max_connections: int = 512
     from vlmtune.blackbox.server import server_config
 
     server = uvicorn.Server(
-        server_config(app, "127.0.0.1", 0, header_timeout, max_connections, "error", max_per_address)
+        server_config(app, "127.0.0.1", 0, header_timeout, max_connections, "error", max_per_address, send_timeout)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

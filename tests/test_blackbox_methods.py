@@ -95,6 +95,25 @@ def test_accuracy_vs_queries_curve_does_not_change_the_result(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_a_budget_far_below_the_papers_rule_and_off_grid_curve_points_are_said(tmp_path):
+    """Issue 29 item 4: 400 queries at 16 shots (the paper: 8000) ended below zero-shot with no word, and
+    --curve-every 200 gave points at 41 / 205 / 369 (the first after one generation)."""
+    cfg = RunConfig(
+        method="craft", dataset="toy:nonce-shapes", shots=16, options={"budget": 400, "subspace": 32}, curve_every=200
+    )
+    result = run(cfg, out_dir=tmp_path, progress=False)
+    assert any("far below the paper's 8000 for 16 shots" in n and "9 generation(s)" in n for n in result.notes)
+    assert any("each multiple of 200" in n and "--curve-every 205" in n for n in result.notes), result.notes
+    assert [q for q, _ in result.curve] == [205, 369]  # the first generation past 200, then the end
+    paper = run(
+        RunConfig(
+            method="craft", dataset="toy:nonce-shapes", shots=1, options={"budget": 2000, "subspace": 8, "popsize": 4}
+        ),
+        progress=False,
+    )
+    assert not any("far below" in n for n in paper.notes)
+
+
 class Killed(Exception):
     pass
 
@@ -129,7 +148,7 @@ def test_resume_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch)
         run(other, out_dir=tmp_path / "run", progress=False, resume=True)
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "delete", "negative", "reorder"])
+@pytest.mark.parametrize("damage", ["overwrite", "delete", "negative", "reorder", "last-queries"])
 def test_a_damaged_journal_is_refused(tmp_path, damage):
     """A same-size overwrite used to resume to 35.6% instead of 56.0% with exit 0; a deleted chunk replayed later
     chunks in the wrong place; a negative query count was accepted."""
@@ -154,9 +173,46 @@ def test_a_damaged_journal_is_refused(tmp_path, damage):
         header = json.loads(meta.read_text())
         header["steps"][0]["queries"] = -10
         meta.write_text(json.dumps(header))
+    elif damage == "last-queries":  # issue 29 item 15: reported 10,000,800 queries used of a budget of 2,000
+        last = sorted(state.glob("chunk_*.json"))[-1]
+        header = json.loads(last.read_text())
+        header["steps"][-1]["queries"] = 10_000_000
+        last.write_text(json.dumps(header))
     else:
         (state / "chunk_0002.json").rename(state / "chunk_0009.json")
     with pytest.raises(JournalDamaged, match="damaged"):
+        run(cfg, out_dir=tmp_path, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["nan", "cost"])
+def test_replayed_steps_are_checked_against_the_run_even_with_consistent_checksums(tmp_path, damage):
+    """Issue 29 item 15: a journal rewritten with matching checksums (a bug, not a bit flip) that holds NaN fitness
+    replayed silently; one whose step costs differ from the run's would mis-count the queries."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmtune._io import file_sha256
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.runs.journal import header_sha256
+
+    cfg = RunConfig(
+        method="craft", dataset="toy:nonce-shapes", shots=2, options={"budget": 110, "popsize": 10, "subspace": 32}
+    )
+    run(cfg, out_dir=tmp_path, progress=False)
+    meta = sorted((tmp_path / "state").glob("chunk_*.json"))[-1]  # the last chunk: no later one vouches for it
+    data, header = meta.with_suffix(".safetensors"), json.loads(meta.read_text())
+    if damage == "nan":
+        tensors = load_file(str(data))
+        tensors["fitness_0"][3] = float("nan")
+        save_file(tensors, str(data))
+        header["sha256"] = file_sha256(data)
+    else:
+        header["steps"][0]["queries"] = 1
+    header["header_sha256"] = header_sha256(header)
+    meta.write_text(json.dumps(header))
+    match = "not finite" if damage == "nan" else "does not match this run at step 10"
+    with pytest.raises(VlmtuneError, match=match):
         run(cfg, out_dir=tmp_path, progress=False, resume=True)
 
 

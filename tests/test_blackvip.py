@@ -20,7 +20,7 @@ from vlmtune.methods.blackbox.blackvip import (
     segmented_uniform,
     upsamplings_for,
 )
-from vlmtune.methods.registry import load_classifier, make_config
+from vlmtune.methods.registry import list_methods, load_classifier, make_config
 
 NAMES = ["circle", "square", "triangle"]
 KEY, RUN_KEY = "pixel-key-0123456789abcdef", "pixel-run-key-0123456789ab"
@@ -207,3 +207,61 @@ def test_blackvip_needs_images_an_encoder_and_a_pixel_box(toy):
     with pytest.raises(ValueError, match="takes no pixel prompts"):
         method.fit(box, Task(NAMES, ["{}"], train=refs, encoder=toy), generator=g)
     assert issubclass(BudgetExceeded, RuntimeError)
+
+
+SECOND_MODEL = [m.name for m in list_methods("black_box") if m().wants_encoder() == ""]  # a second model: the run's
+
+
+@pytest.mark.parametrize("name", SECOND_MODEL)
+def test_a_users_own_backbone_object_is_used_as_the_client_encoder(name, toy, tmp_path):
+    """Issue 29 item 10: a method that takes a second model (the client-side encoder) uses the Backbone object the
+    run was given when its spec names nothing loadable, instead of re-loading the spec ("unknown family 'byo'")."""
+    import copy
+
+    from vlmtune.runs.runner import RunConfig, run
+
+    mine = copy.copy(toy)
+    mine.spec = "byo:my-own-clip"  # no loader knows this family
+    options = {"epochs": 2, "batch_size": 64, "sp_avg": 2, "p_eps": 0.1} if name == "blackvip" else {}
+    result = run(
+        RunConfig(method=name, dataset="toy:shapes", options=options, query_budget=20),
+        backbone=mine,
+        out_dir=tmp_path / name,
+        progress=False,
+    )
+    assert 0 < result.queries <= 20
+    _, meta = load_classifier(tmp_path / name / "adapter")
+    assert meta["settings"]["encoder"] == "byo:my-own-clip"
+
+
+def test_a_long_pixel_prompt_request_hands_the_model_to_another_keys_short_query(toy, monkeypatch):
+    """Round 3: one key's 64-candidate visual-prompt request held the model for 75 s while another key's
+    one-image query waited 74 s. The model is now granted in slices, round-robin over the keys that wait."""
+    import threading
+    import time
+
+    shared = LocalBlackBox(toy, pixel_prompts=True, image_batch=1)
+    long_key, short_key = shared.fork(QueryBudget(10_000)), shared.fork(QueryBudget(100))
+    long_ids, short_ids = long_key.upload(_pngs(8)), short_key.upload(_pngs(1))
+    encode = toy.encode_images
+
+    def slow_encode(x: torch.Tensor) -> torch.Tensor:  # every image-tower batch takes 5 ms: 128 slices >= 0.64 s
+        time.sleep(0.005)
+        return encode(x)
+
+    monkeypatch.setattr(toy, "encode_images", slow_encode)
+    s = shared.info().image_size
+    prompts = np.zeros((16, 8, 3, s, s), np.float32)  # 16 candidates x 8 images, one image per forward
+    long_done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (long_key.predict(PredictRequest(long_ids, NAMES, pixel_prompts=prompts)), long_done.set())
+    )
+    worker.start()
+    while long_key.image_forwards == 0:  # the long request holds the model
+        time.sleep(0.001)
+    handovers = getattr(shared._compute, "handovers", 0)
+    short_key.predict(PredictRequest(short_ids, NAMES))
+    forwards_when_short_done = long_key.image_forwards
+    assert not long_done.is_set() and forwards_when_short_done < 16 * 8  # it did not wait for the long one
+    worker.join()
+    assert long_key.image_forwards == 16 * 8 and getattr(shared._compute, "handovers", 0) > handovers

@@ -168,7 +168,7 @@ def test_adapter_format_0_still_loads(tmp_path, toy_setup):
     clf = fit()
     clf.save(tmp_path, backbone="toy")
     meta = json.loads((tmp_path / "adapter.json").read_text())
-    assert meta["format"] == 1 and meta["method"] == "grip" and meta["vlmtune"]
+    assert meta["format"] == 2 and meta["method"] == "grip" and meta["vlmtune"]
     del meta["format"], meta["vlmtune"]
     meta["classifier"] = "GRIPClassifier"  # the empty per-method subclass format 0 named
     (tmp_path / "adapter.json").write_text(json.dumps(meta))
@@ -179,6 +179,67 @@ def test_adapter_format_0_still_loads(tmp_path, toy_setup):
     (tmp_path / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(VlmtuneError, match="upgrade vlmtune"):
         load_classifier(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["bit", "nan", "scale", "scale-rehashed", "no-tensors"])
+def test_a_damaged_adapter_is_refused_in_one_line(tmp_path, toy_setup, damage):
+    """Issue 29 item 16: one flipped bit (92.8 -> 86.6%), NaN weights (-> 10%) and ``scale: -1`` (-> 0%) all
+    loaded and scored with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmtune._io import file_sha256
+    from vlmtune.methods.api import adapter_meta_sha256
+
+    fit, _, _, _ = toy_setup("toy:nonce-shapes", "linear_probe")
+    fit().save(tmp_path, backbone="toy")
+    data, meta_path = tmp_path / "adapter.safetensors", tmp_path / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    if damage == "bit":
+        raw = bytearray(data.read_bytes())
+        raw[-5] ^= 0x10
+        data.write_bytes(bytes(raw))
+    elif damage == "nan":  # rewritten with a matching checksum: the value check still refuses it
+        tensors = load_file(str(data))
+        tensors["weight"][0, 0] = float("nan")
+        save_file(tensors, str(data))
+        meta["tensors_sha256"] = file_sha256(data)
+        meta["meta_sha256"] = adapter_meta_sha256(meta)
+    elif damage.startswith("scale"):
+        meta["scale"] = -1
+        if damage == "scale-rehashed":
+            meta["meta_sha256"] = adapter_meta_sha256(meta)
+    else:
+        data.unlink()
+    meta_path.write_text(json.dumps(meta))
+    message = {
+        "bit": "checksum differs",
+        "nan": "not finite",
+        "scale": "changed after it was saved",
+        "scale-rehashed": "must be positive",
+        "no-tensors": "no adapter.safetensors",
+    }[damage]
+    with pytest.raises(VlmtuneError, match=message):
+        load_classifier(tmp_path)
+
+
+def test_adapters_are_written_atomically(tmp_path, toy_setup, monkeypatch):
+    """A save that fails half-way leaves the adapter that was there (or none), never a torn pair of files."""
+    import vlmtune.methods.api as api
+
+    fit, _, _, _ = toy_setup("toy:nonce-shapes", "linear_probe")
+    clf = fit()
+    clf.save(tmp_path, backbone="toy")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "save_file", full_disk)
+    with pytest.raises(OSError):
+        clf.save(tmp_path, backbone="toy")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_classifier(tmp_path)
 
 
 def test_methods_base_alias_warns():

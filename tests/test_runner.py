@@ -37,3 +37,19 @@ def test_caltech101_end_to_end_on_the_toy_backbone(shared_data, tmp_path):
         "acc5",
         "mean_per_class_recall",
     }
+
+
+def test_a_full_disk_at_the_adapter_leaves_no_results_and_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 17: results.json was written, then the adapter failed on a full disk with a traceback."""
+    from vlmtune.cli.app import main
+    from vlmtune.methods.api import Classifier
+
+    def full(self, folder, **info):
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr(Classifier, "save", full)
+    out = tmp_path / "run"
+    code = main(["fit", "--method", "zeroshot", "--dataset", "toy:nonce-shapes", "--out", str(out), "--no-cache"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not (out / "results.json").exists()
+    assert err[-1].startswith("vlmtune:") and "No space left on device" in err[-1] and "Traceback" not in "".join(err)

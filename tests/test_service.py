@@ -33,7 +33,8 @@ SHARED, BIG, TINY = KEYS
 @pytest.fixture(scope="module")
 def service(toy):
     budgets = {k: QueryBudget(v) for k, v in KEYS.items()}
-    app = create_app(LocalBlackBox(toy, visual_prompts=True), budgets, max_body_bytes=2**20)
+    box = LocalBlackBox(toy, visual_prompts=True)
+    app = create_app(box, budgets, max_body_bytes=2**20, max_in_flight=8)  # 8 clients share a key below
     with running_server(app) as url:
         yield url, app, budgets
 

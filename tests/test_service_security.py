@@ -493,3 +493,62 @@ def test_ctrl_c_stops_the_service_with_one_line(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and time.monotonic() - start < 5
     assert out.strip().splitlines()[-1].startswith("vlmtune serve: stopped") and "Traceback" not in err
+
+
+def test_a_reply_the_client_never_reads_is_dropped_after_the_send_timeout(toy):
+    """Round 3: ~200 MB per one-query request whose reply is never read (12 requests: +3.1 GB)."""
+    app = create_app(LocalBlackBox(toy), {B: KeySpec(queries=10)})
+    with running_server(app, send_timeout=1.0) as url:
+        ids = _ids(url, B, 1) * 20_000
+        body = json.dumps({"image_ids": ids, "classnames": [f"class {i}" for i in range(200)]}).encode()
+        reply_bytes = 4 * len(ids) * 200  # 16 MB of float32, far beyond the kernel's socket buffers
+        host, port = url.removeprefix("http://").split(":")
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing
+        s.settimeout(10)
+        s.connect((host, int(port)))
+        s.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {B}\r\nAccept: application/octet-stream"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(3.0)  # the reply stalls in the server's write buffer for longer than the send timeout
+        received = 0
+        try:
+            while chunk := s.recv(2**20):
+                received += len(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+        assert 0 < received < reply_bytes  # the start of the reply, then the server let go of the rest
+        assert key_box(app, B).budget.used == 1  # it was computed and charged: the client asked for it
+        assert httpx.get(f"{url}/v1/usage", headers={"X-API-Key": B}).status_code == 200
+
+
+def test_a_key_with_too_many_requests_in_flight_is_told_to_wait(toy):
+    app = create_app(LocalBlackBox(toy), {A: KeySpec(queries=10), B: KeySpec(queries=10)}, max_in_flight=2)
+    with running_server(app) as url:
+        ids = _ids(url, A, 1)
+        host, port = url.removeprefix("http://").split(":")
+        host_port = (host, int(port))
+        held = []
+        for _ in range(2):  # two of A's requests whose bodies have not arrived yet: both in flight
+            s = socket.create_connection(host_port, timeout=5)
+            s.sendall(
+                f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nX-API-Key: {A}\r\nContent-Type: application/json\r\n"
+                'Content-Length: 5000\r\n\r\n{"image_ids": ['.encode()
+            )
+            held.append(s)
+        time.sleep(0.3)
+        third = _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}, key=A)
+        assert third.status_code == 429 and third.json()["what"] == "requests" and third.headers["retry-after"]
+        with pytest.raises(RuntimeError, match="in flight"):
+            HttpBlackBox(url, A).predict(PredictRequest(ids, ["circle", "square"]))
+        assert httpx.get(f"{url}/v1/usage", headers={"X-API-Key": B}).status_code == 200  # other keys are served
+        assert key_box(app, A).budget.used == 0  # refused before anything was charged
+        for s in held:
+            s.close()
+        time.sleep(0.3)  # their slots are given back when the connections go
+        assert _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}, key=A).status_code == 200
+    with pytest.raises(ValueError, match="at least 1"):
+        create_app(LocalBlackBox(toy), {A: KeySpec(queries=10)}, max_in_flight=0)

@@ -40,6 +40,7 @@ from vlmtune.blackbox.api import (
     Usage,
     image_bytes,
 )
+from vlmtune.blackbox.turns import FairTurns
 
 
 def open_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
@@ -130,7 +131,8 @@ class LocalBlackBox:
         self._features: dict[str, torch.Tensor] = {}
         self._pixels: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # this box's stores
-        self._compute = threading.Lock()  # model work (shared by forks: one backbone, hooks on its modules)
+        self._compute = FairTurns()  # model work, shared by forks (one backbone, hooks on its modules): slices
+        self._owner = object()  # granted round-robin over the boxes (keys) that wait (``blackbox.turns``)
         visual_width = backbone.visual_width if visual_prompts else None
         if visual_prompts and visual_width is None:
             raise ValueError(f"{backbone.spec}: visual prompts need a ViT image tower")
@@ -159,7 +161,7 @@ class LocalBlackBox:
         box = object.__new__(LocalBlackBox)
         box.__dict__.update(self.__dict__)
         box.budget, box.image_quota = budget, image_quota
-        box._features, box._pixels, box._lock = {}, {}, threading.Lock()
+        box._features, box._pixels, box._lock, box._owner = {}, {}, threading.Lock(), object()
         box.forwards = box.image_forwards = 0
         return box
 
@@ -211,7 +213,7 @@ class LocalBlackBox:
                     tensors.append(self._backbone.preprocess(rgb))  # (3, H, W); the full-size image is freed
                     del rgb
                 batch = torch.stack(tensors)  # (B, 3, H, W)
-                with self._compute, torch.no_grad():
+                with self._compute.turn(self._owner), torch.no_grad():
                     feats = self._backbone.encode_images(batch).float().cpu()  # (B, D)
                 with self._lock:
                     for image_id, f, px in zip(chunk, feats, batch, strict=True):
@@ -252,7 +254,7 @@ class LocalBlackBox:
                 kind = "tokens" if request.visual_contexts is not None else "pixels"
                 given = request.visual_contexts if kind == "tokens" else request.pixel_prompts
                 visual = (pixels, torch.as_tensor(np.asarray(given, dtype=np.float32)), kind)
-            with self._compute:
+            with self._compute.turn(self._owner):  # slices: other keys compute between them
                 scores = self._scores(images, *prompts, visual).float().numpy()
             if not np.isfinite(scores).all():
                 raise ValueError("the contexts overflow the model (non-finite scores); nothing was charged")
@@ -316,6 +318,7 @@ class LocalBlackBox:
             c = max(text.shape[0], img.shape[0])  # text (c|1, K, D), images (c|1, N, D)
             scores = torch.einsum("cnd,ckd->cnk", img.expand(c, -1, -1), text.expand(c, -1, -1))
             out.append((bb.logit_scale * scores).cpu())
+            self._compute.between(self._owner)
         return torch.cat(out)
 
     def _text_features(
@@ -359,6 +362,7 @@ class LocalBlackBox:
                 x = ((raw[i : i + self.image_batch] + prompts[c, i : i + self.image_batch]).clamp(0, 1) - mean) / std
                 cols.append(self._backbone.encode_images(x).float())  # on the model's device
                 self.image_forwards += 1
+                self._compute.between(self._owner)
             rows.append(torch.cat(cols))
         return torch.stack(rows)
 
@@ -374,5 +378,6 @@ class LocalBlackBox:
                     self._backbone.encode_images_prompted(pixels[i : i + self.image_batch], prompts[c0 : c0 + per])
                 )
                 self.image_forwards += 1
+                self._compute.between(self._owner)
             rows.append(torch.cat(cols, 1).float())  # on the model's device
         return torch.cat(rows)

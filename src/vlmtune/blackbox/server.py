@@ -7,8 +7,9 @@
   ``Accept: application/octet-stream``), ``GET /v1/usage`` and ``GET /v1/info``; offline docs at ``/docs``;
 - every request is validated in full before anything is charged (shapes, values, work and reply size), a
   request that fails after its charge is refunded, and errors never echo the input;
-- bounded: body size, body read time, time to send the request head, concurrent connections, one model
-  computation at a time; binds 127.0.0.1 by default.
+- bounded: body size, body read time, time to send the request head, time a reply may stall unread, concurrent
+  connections, requests in flight per key; one model computation at a time, in slices granted round-robin over
+  the keys that wait; binds 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -92,14 +93,60 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class KeyInFlight:
+    """ASGI middleware: at most ``limit`` requests of one known key in flight at a time, each counted from its
+    head to the last byte of its reply (a reply the client does not read stays counted); beyond that, 429 with
+    ``what: "requests"`` and nothing is charged. One key cannot take every worker thread, nor hold many
+    unread replies. Requests without a known key pass (they get their 401 inside)."""
+
+    def __init__(self, app: Any, accounts: Mapping[str, Any], limit: int = 4) -> None:
+        self.app, self.accounts, self.limit = app, accounts, limit
+        self.in_flight: Counter[str] = Counter()  # key hash -> its requests in flight (the event loop's thread)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        given = given_key(
+            *(headers[h].decode("latin-1") if h in headers else None for h in (b"authorization", b"x-api-key"))
+        )
+        key = key_id(given) if given else None
+        if key is None or key not in self.accounts:
+            return await self.app(scope, receive, send)
+        if self.in_flight[key] >= self.limit:
+            body = {
+                "detail": f"{self.limit} requests of this key are in flight; wait for their replies",
+                "what": "requests",
+                "used": self.in_flight[key],
+                "limit": self.limit,
+            }
+            return await JSONResponse(body, status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+        self.in_flight[key] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+
+
+def in_flight_limit(limit: int) -> int:
+    if limit < 1:
+        raise ValueError(f"max_in_flight is {limit}: at least 1 request per key must be allowed")
+    return limit
+
+
+def given_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a request sends (``X-API-Key``, else ``Authorization: Bearer``), if any."""
+    if x_api_key is None and authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    return x_api_key
+
+
 def known_key(accounts: Mapping[str, T], authorization: str | None, x_api_key: str | None) -> T:
     """What ``accounts`` (key hash -> account) holds for the key of a request (``X-API-Key`` or
     ``Authorization: Bearer``); 401 when missing or unknown. The key is hashed before the lookup, which reveals
     nothing of it."""
-    given = x_api_key
-    if given is None and authorization is not None:
-        scheme, _, value = authorization.partition(" ")
-        given = value.strip() if scheme.lower() == "bearer" else None
+    given = given_key(authorization, x_api_key)
     found = accounts.get(key_id(given)) if given else None
     if found is None:
         raise HTTPException(401, "missing or unknown API key (send 'Authorization: Bearer <key>')")
@@ -142,11 +189,13 @@ def create_app(
     store: UsageStore | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     body_timeout: float = 30.0,
+    max_in_flight: int = 4,
 ) -> Any:
-    """The FastAPI app serving ``box`` to the holders of ``keys``.
+    """The ASGI app serving ``box`` to the holders of ``keys`` (``.app``: the FastAPI app inside the body limit).
 
     Each key gets its own namespace (``box.fork``): its uploads, its budget (a ``QueryBudget`` given directly, or
-    the account of its ``KeySpec`` in ``store``, in memory without a store) and its image quota.
+    the account of its ``KeySpec`` in ``store``, in memory without a store), its image quota and at most
+    ``max_in_flight`` requests at a time (``KeyInFlight``); keys take turns on the model (``blackbox.turns``).
     """
     if not keys:
         raise ValueError("the service needs at least one API key")
@@ -157,6 +206,7 @@ def create_app(
         boxes[key_id(key)] = box.fork(key_budget(key, spec, store), quota)
     app = FastAPI(title="vlmtune black-box VLM", version="1", description=__doc__, docs_url=None, redoc_url=None)
     app.state.boxes = boxes  # key hash -> that key's box (for operators and tests)
+    app.add_middleware(KeyInFlight, accounts=boxes, limit=in_flight_limit(max_in_flight))
 
     def key_box(
         authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)
@@ -240,11 +290,14 @@ def server_config(
     max_connections: int = 512,
     log_level: str = "warning",
     max_per_address: int = 64,
+    send_timeout: float = 30.0,
 ) -> Any:
     """A uvicorn config that drops a connection whose next request head does not arrive within ``header_timeout``
     seconds of its opening or of its last response (uvicorn alone waits forever for a half-sent head, and a trickled
     head on a kept-alive connection cancels its keep-alive timer), closes connections beyond ``max_per_address``
-    from one address, and answers 503 beyond ``max_connections`` in all."""
+    from one address, aborts a connection whose reply has not drained below the write buffer's mark for
+    ``send_timeout`` seconds (a client that never reads would hold the whole reply in memory), and answers 503
+    beyond ``max_connections`` in all."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -252,6 +305,7 @@ def server_config(
 
     class TimedH11Protocol(H11Protocol):
         peer: str | None = None
+        _stalled = 0  # counts pauses and resumes of writing: a pause still current when its timer fires drops
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -283,6 +337,19 @@ def server_config(
         def _drop_if_no_new_request(self, previous: Any) -> None:
             if self.cycle is previous and not self.transport.is_closing():
                 self.transport.close()
+
+        def pause_writing(self) -> None:  # the reply fills the write buffer: the client must read within the time
+            super().pause_writing()
+            self._stalled += 1
+            self.loop.call_later(send_timeout, self._drop_if_still_stalled, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stalled += 1
+
+        def _drop_if_still_stalled(self, stalled: int) -> None:
+            if self._stalled == stalled and not self.transport.is_closing():
+                self.transport.abort()  # discards the buffered reply; the request's send returns
 
     if host not in LOOPBACK:
         log.warning(

@@ -137,6 +137,10 @@ def add_key_flags(p: argparse.ArgumentParser, state: str, budget: int, unit: str
     p.add_argument("--state", default=state, help="folder of the usage database and generated keys")
     p.add_argument("--budget", type=int, default=budget, help=f"{unit} budget of the generated key (without --keys)")
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+    p.add_argument("--max-in-flight", type=int, default=4, help="requests of one key at a time (more: 429)")
+    p.add_argument(
+        "--send-timeout", type=float, default=30.0, help="seconds a reply may stall unread before the connection drops"
+    )
 
 
 def service_keys(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:

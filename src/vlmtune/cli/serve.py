@@ -62,9 +62,9 @@ def execute(args: argparse.Namespace) -> int:
         limits=limits,
         precision=args.precision,
     )
-    app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20)
+    app = create_app(box, keys, UsageStore(db), args.max_body_mb * 2**20, max_in_flight=args.max_in_flight)
     print(f"serving {args.backbone} on http://{args.host}:{args.port} (docs at /docs; usage in {db})", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: one line, exit 0
-        uvicorn.Server(server_config(app, args.host, args.port)).run()
+        uvicorn.Server(server_config(app, args.host, args.port, send_timeout=args.send_timeout)).run()
     print(f"vlmtune serve: stopped (usage kept in {db})", flush=True)
     return 0

@@ -116,9 +116,11 @@ def execute_serve(args: argparse.Namespace) -> int:
     else:
         found, db = service_keys(args)
         keys, store = found, UsageStore(db)
-    app = chat_app(generator, keys, store=store, max_body_bytes=args.max_body_mb * 2**20)
+    app = chat_app(
+        generator, keys, store=store, max_body_bytes=args.max_body_mb * 2**20, max_in_flight=args.max_in_flight
+    )
     print(f"serving {generator.name}:{generator.model} on http://{args.host}:{args.port}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: one line, exit 0
-        uvicorn.Server(server_config(app, args.host, args.port)).run()
+        uvicorn.Server(server_config(app, args.host, args.port, send_timeout=args.send_timeout)).run()
     print("vlmtune textgen-serve: stopped", flush=True)
     return 0

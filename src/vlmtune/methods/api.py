@@ -8,6 +8,7 @@ hands each method only the access its ``capability`` names. Registration lives i
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
 
+from vlmtune._io import atomic_write, file_sha256
 from vlmtune.capabilities import Capability
 
 if TYPE_CHECKING:  # black-box methods import this module: it must not pull in model code at run time
@@ -31,7 +33,15 @@ if TYPE_CHECKING:  # black-box methods import this module: it must not pull in m
     from vlmtune.textgen.stage import DatasetTexts
 
 log = logging.getLogger(__name__)
-ADAPTER_FORMAT = 1  # adapter.json layout; 0 = written before the format was recorded (still read)
+ADAPTER_FORMAT = 2  # adapter.json layout; 2: checksums; 0 = written before the format was recorded (all still read)
+
+
+def adapter_meta_sha256(meta: dict[str, Any]) -> str:
+    """SHA-256 of an adapter.json's canonical JSON without its own ``meta_sha256`` field."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 StepFn = Callable[[int, int, str, dict[str, float]], None]  # (step, total steps, unit, metrics)
 # (round, kind, indices, labels, source, confidence or None)
 PseudoFn = Callable[[int, str, torch.Tensor, torch.Tensor, str, torch.Tensor | None], None]
@@ -201,13 +211,21 @@ class Classifier(nn.Module, ABC):
             k: (v.to(self.storage_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
             for k, v in {**self.state_dict(), **self.extra_tensors()}.items()
         }
-        save_file(tensors, str(folder / "adapter.safetensors"))
+        data = folder / "adapter.safetensors"
+        try:
+            atomic_write(data, lambda tmp: save_file(tensors, tmp))
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"could not write {data}: {exc}") from None
         from vlmtune._version import __version__
 
         meta = {"format": ADAPTER_FORMAT, "vlmtune": __version__, "method": self.method}
         meta |= {"classifier": type(self).__name__, "classnames": self.classnames}
         meta |= {**self.extra_meta(), **info}
-        (folder / "adapter.json").write_text(json.dumps(meta, indent=1))
+        meta["tensors_sha256"] = file_sha256(data)
+        meta["meta_sha256"] = adapter_meta_sha256(meta)
+        atomic_write(folder / "adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         return folder
 
 

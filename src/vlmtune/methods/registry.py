@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import pkgutil
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from vlmtune._io import file_sha256
 from vlmtune.capabilities import Capability
 from vlmtune.errors import UnknownName, VlmtuneError
-from vlmtune.methods.api import ADAPTER_FORMAT, Classifier, Method
+from vlmtune.methods.api import ADAPTER_FORMAT, Classifier, Method, adapter_meta_sha256
 from vlmtune.methods.options import build_config
 
 REGIMES = ("frozen", "prompt", "blackbox", "labelfree")  # the regime packages under vlmtune.methods
@@ -119,6 +123,37 @@ def _classifier_class(method: type[Method], name: str, version: int) -> type[Cla
     return kinds.get(name, method.classifier)
 
 
+def _numbers(value: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a JSON value, with its path (``settings.alpha``)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield path, float(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def check_adapter(folder: Path, meta: dict[str, Any], data: Path, version: int) -> None:
+    """Refuse an adapter whose files changed since ``Classifier.save`` wrote them (format 2 records the SHA-256 of
+    its tensors and of its JSON) or whose numbers cannot be right: not finite, or a logit ``scale`` <= 0."""
+    if not data.is_file():
+        raise VlmtuneError(f"{folder} has adapter.json but no adapter.safetensors (the save did not finish)")
+    if version >= 2:
+        if meta.get("meta_sha256") != adapter_meta_sha256(meta):
+            raise VlmtuneError(f"{folder / 'adapter.json'} was changed after it was saved (its checksum differs)")
+        if meta.get("tensors_sha256") != file_sha256(data):
+            raise VlmtuneError(f"{data} is damaged (its checksum differs from the one in adapter.json)")
+    for where, x in _numbers(meta):
+        if not math.isfinite(x):
+            raise VlmtuneError(f"{folder / 'adapter.json'}: {where} is {x}, not a finite number")
+        if where.rsplit(".", 1)[-1] == "scale" and x <= 0:
+            raise VlmtuneError(f"{folder / 'adapter.json'}: {where} is {x}; a logit scale must be positive")
+
+
 def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """Load an adapter saved by ``Classifier.save`` (safetensors + JSON; never pickle); reads every format up to
     ``ADAPTER_FORMAT`` (format 0: adapters written before it was recorded)."""
@@ -134,11 +169,14 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
             f"{folder} was saved in adapter format {version} (vlmtune {meta.get('vlmtune', '?')}); this vlmtune "
             f"reads formats 0-{ADAPTER_FORMAT}: upgrade vlmtune"
         )
+    data = folder / "adapter.safetensors"
+    check_adapter(folder, meta, data, version)
     method = get_method(meta["method"])
     cls = _classifier_class(method, meta.get("classifier", ""), version)
-    tensors = {
-        k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "adapter.safetensors")).items()
-    }
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(data)).items()}
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise VlmtuneError(f"{data} is damaged: tensor {bad!r} holds values that are not finite")
     clf = cls.from_state(tensors, meta)
     clf.method = method.name
     return clf, meta

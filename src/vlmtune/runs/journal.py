@@ -6,13 +6,16 @@ CMA-ES, the head, its optimiser and every generator in the state they had; the r
 exactly as an uninterrupted run would. Records are written in chunks (safetensors + JSON, atomically); steps
 after the last complete chunk are recomputed on resume (spending their queries again).
 
-Every chunk's JSON carries its index, its first step, the queries before it, each step's queries and the SHA-256
-of its tensor file; a journal whose chunks are out of sequence, missing, altered or inconsistent is refused with
-a clear message instead of being replayed into a wrong result.
+Every chunk's JSON carries its index, its first step, the queries before it, each step's queries, the SHA-256
+of its tensor file and the SHA-256 of the header itself; a journal whose chunks are out of sequence, missing,
+altered (an edited query count in the last chunk included) or inconsistent, or whose records are not finite, is
+refused with a clear message instead of being replayed into a wrong result. The method checks each replayed step
+against the step it is about to take (its kind, shape and query cost: ``CraftTrainer._next_record``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -27,12 +30,18 @@ from vlmtune._io import atomic_write, file_sha256
 from vlmtune.errors import VlmtuneError
 from vlmtune.methods.blackbox.craft import GenerationRecord
 
-VERSION = 2
+VERSION = 3  # 3: the header's own checksum (a version-2 journal is refused: start the run again)
 _CHUNK = re.compile(r"chunk_(\d{4,})\.json")
 
 
 class JournalDamaged(VlmtuneError):
     """A resume journal failed its checks; nothing was replayed."""
+
+
+def header_sha256(header: dict[str, Any]) -> str:
+    """SHA-256 of a chunk header's canonical JSON, without its own ``header_sha256`` field."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class FileJournal:
@@ -79,6 +88,8 @@ class FileJournal:
                 raise self._damaged(f"{meta_path.name} is not readable JSON") from None
             if not isinstance(meta, dict) or meta.get("version") != VERSION:
                 raise self._damaged(f"{meta_path.name} has no version-{VERSION} header")
+            if meta.get("header_sha256") != header_sha256(meta):
+                raise self._damaged(f"{meta_path.name} was changed after it was written (its checksum differs)")
             steps = meta.get("steps")
             if meta.get("chunk") != expected or meta.get("first_step") != len(records) or not isinstance(steps, list):
                 raise self._damaged(f"{meta_path.name} is out of sequence")
@@ -94,6 +105,8 @@ class FileJournal:
                 fit, head = tensors.get(f"fitness_{i}"), tensors.get(f"head_{i}")
                 if (fit is None) == (head is None):
                     raise self._damaged(f"{data_path.name} step {i} has no (or two) records")
+                if not bool(torch.isfinite(fit if fit is not None else head).all()):
+                    raise self._damaged(f"{data_path.name} step {i} holds values that are not finite")
                 records.append(
                     (
                         expected,
@@ -137,6 +150,7 @@ class FileJournal:
             "steps": [{"queries": r.queries} for r in self._pending],
             "sha256": file_sha256(data),
         }
+        header["header_sha256"] = header_sha256(header)
         atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(header)))  # the JSON marks the chunk complete
         self._chunks += 1
         self._steps += len(self._pending)

@@ -436,6 +436,16 @@ def run(
     return result
 
 
+def _client_encoder(spec: str | None, backbone: Backbone | None, cfg: RunConfig) -> Backbone | None:
+    """A black-box method's client-side encoder (``Method.wants_encoder``): None, the run's own backbone object
+    for ``""`` (a backbone passed to ``run`` is used as it is, never re-loaded from its spec), or ``spec`` loaded."""
+    if spec is None:
+        return None
+    if spec == "" and backbone is not None:
+        return backbone
+    return load_backbone(spec or cfg.backbone, device_for(cfg.device))
+
+
 def _student_of(cfg: RunConfig, method_cls: type[Method], teacher: Backbone) -> Backbone | None:
     """The student backbone of a distillation run (``cfg.student``), or None."""
     if cfg.student is None:
@@ -580,7 +590,7 @@ def _run_black_box(
         train_split.classnames,
         train_split.templates,
         train=upload_split(box, train_split, progress),
-        encoder=load_backbone(encoder or cfg.backbone, device_for(cfg.device)) if encoder is not None else None,
+        encoder=_client_encoder(encoder, backbone, cfg),
     )
     test = upload_split(eval_box, test_split, progress)
     curve: list[tuple[int, float]] = []
@@ -609,8 +619,11 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
     def write_json(name: str, data: Any) -> None:
         atomic_write(folder / name, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
+    # The adapter first and results.json last: a run directory with results.json is complete (a full disk used
+    # to leave results.json beside no adapter).
+    spec = cfg.student or cfg.backbone  # a distilled adapter runs on the student
+    result.classifier.save(folder / "adapter", backbone=spec, dataset=cfg.dataset, service=cfg.service)
     write_json("config.json", {**cfg.to_json(), "method_config": result.method_config})
-    write_json("results.json", result.to_json())
     m = result.metrics.get("test", {})
     table = markdown_table(
         ["method", "dataset", "backbone", "shots", "seed", "acc1 (%)", "acc5 (%)", "mean recall (%)", "fit (s)"],
@@ -632,8 +645,6 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
     atomic_write(
         folder / "results.md", lambda tmp: Path(tmp).write_text(table + "\n" + notes + ("\n" if notes else ""))
     )
-    spec = cfg.student or cfg.backbone  # a distilled adapter runs on the student
-    result.classifier.save(folder / "adapter", backbone=spec, dataset=cfg.dataset, service=cfg.service)
     if result.pseudo_labels:
         write_pseudo_labels(
             folder,
@@ -644,6 +655,7 @@ def write_run_dir(folder: Path, result: RunResult) -> None:
         from vlmtune.runs.plots import write_curve
 
         write_curve(folder, result.curve, f"{cfg.method} on {cfg.dataset}, {cfg.shots}-shot, seed {cfg.seed}")
+    write_json("results.json", result.to_json())
 
 
 def open_cache(path: str | Path | None, enabled: bool = True) -> FeatureCache | None:

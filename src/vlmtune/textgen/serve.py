@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_budget, key_id
 from vlmtune.blackbox.api import BudgetExceeded, QueryBudget, ServiceLimits
 from vlmtune.blackbox.local import decode_upload
-from vlmtune.blackbox.server import DEFAULT_MAX_BODY, BodyLimit, known_key
+from vlmtune.blackbox.server import DEFAULT_MAX_BODY, BodyLimit, KeyInFlight, in_flight_limit, known_key
 from vlmtune.blackbox.wire import decode_image
 from vlmtune.textgen.base import GenRequest, GenSettings, TextGenerator
 
@@ -83,14 +83,17 @@ def chat_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     body_timeout: float = 30.0,
     max_prompt_chars: int = MAX_PROMPT_CHARS,
+    max_in_flight: int = 4,
 ) -> Any:
     """The ASGI app serving ``POST /v1/chat/completions`` and ``GET /v1/models`` for ``generator``: to the holders
     of ``keys`` (a completion is one query of the key's budget, in ``store`` when given), or to anyone when
-    ``keys`` is None (asked for explicitly). ``.app`` is the FastAPI app inside the body limit."""
+    ``keys`` is None (asked for explicitly), at most ``max_in_flight`` requests of a key at a time. ``.app`` is the
+    FastAPI app inside the body limit."""
     limits = limits or ServiceLimits()
     app = FastAPI(title=f"vlmtune text generation ({generator.name}: {generator.model})", docs_url=None, redoc_url=None)
     lock = threading.Lock()
     budgets = {key_id(key): key_budget(key, spec, store) for key, spec in (keys or {}).items()}
+    app.add_middleware(KeyInFlight, accounts=budgets, limit=in_flight_limit(max_in_flight))
 
     def account(
         authorization: str | None = Header(default=None), x_api_key: str | None = Header(default=None)

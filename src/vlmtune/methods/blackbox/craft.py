@@ -23,6 +23,7 @@ from torch import nn
 
 from vlmtune.blackbox.api import BlackBoxVLM, BudgetExceeded, ImageRefs
 from vlmtune.capabilities import Capability
+from vlmtune.errors import VlmtuneError
 from vlmtune.methods.api import Method, Task, TrainingHooks
 from vlmtune.methods.blackbox.base import (
     BlackBoxClassifier,
@@ -168,8 +169,8 @@ class CollaborativeTrainer:
         self.labels = torch.as_tensor(self.refs.labels, dtype=torch.long)
         self.k = task.num_classes
         self.template = task.templates[0] if cfg.template == "dataset" else cfg.template
-        shots = max(1, len(self.refs) // max(1, self.k))
-        self.budget = cfg.budget if cfg.budget is not None else budget_for_shots(shots)  # the plan; see run()
+        self.shots = max(1, len(self.refs) // max(1, self.k))
+        self.budget = cfg.budget if cfg.budget is not None else budget_for_shots(self.shots)  # the plan; see run()
         self.lambda_i = cfg.lambda_i if cfg.lambda_i is not None else 0.1 / self.k
         self.lambda_o = cfg.lambda_o if cfg.lambda_o is not None else 0.1 / self.k
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -188,8 +189,9 @@ class CollaborativeTrainer:
         self.used = 0
         self.head_trained = False
         self.hooks = TrainingHooks()
-        self._next_report = 0
+        self._next_report = 0  # the next multiple of ``monitor_every`` to report at (set in ``_report``)
         self._replay: list[GenerationRecord] = []
+        self._replayed = 0  # logged steps replayed so far (for messages)
 
     def _prompt_space(self, rng: np.random.Generator) -> PromptSpace:
         cfg, info = self.cfg, self.box.info()
@@ -234,8 +236,26 @@ class CollaborativeTrainer:
             queries += len(part.scores)
         return (total / len(self.labels)).numpy(), queries
 
-    def _next_record(self) -> GenerationRecord | None:
-        return self._replay.pop(0) if self._replay else None
+    def _next_record(self, kind: str, shape: tuple[int, ...], queries: int) -> GenerationRecord | None:
+        """The next logged step on resume (None: live), checked against the step about to be taken: a record of
+        another kind, shape or query cost, or with values that are not finite, is refused (nothing replays)."""
+        if not self._replay:
+            return None
+        record = self._replay.pop(0)
+        values = record.fitness if kind == "fitness" else record.head_scores
+        step = self._replayed
+        self._replayed += 1
+        if values is None or tuple(values.shape) != shape or record.queries != queries:
+            got = "another kind" if values is None else f"shape {tuple(values.shape)}, {record.queries} queries"
+            raise VlmtuneError(
+                f"the resume journal does not match this run at step {step} (a {kind} step of shape {shape} "
+                f"costing {queries} queries; the journal holds {got}): run again without --resume"
+            )
+        if not np.isfinite(values).all():
+            raise VlmtuneError(
+                f"the resume journal's step {step} holds values that are not finite: run again without --resume"
+            )
+        return record
 
     def _log(self, record: GenerationRecord) -> None:
         self.used += record.queries
@@ -245,7 +265,7 @@ class CollaborativeTrainer:
     def prompt_step(self, consistency: bool) -> np.ndarray:
         """One CMA-ES generation (Algorithm 1, lines 5-7); returns the candidates' fitness."""
         z = np.asarray(self.es.ask())  # (lambda, d0), Eq. (2)
-        record = self._next_record()
+        record = self._next_record("fitness", (len(z),), len(z) * self.parts)
         if record is None:  # live: query the box (replayed steps reuse the logged fitness)
             fitness, queries = self.fitness(self.prompt.split(z), consistency)
             record = GenerationRecord(fitness, None, queries)
@@ -281,7 +301,7 @@ class CollaborativeTrainer:
 
     def mean_scores(self) -> torch.Tensor:
         """Black-box scores (N, K) of the mean prompt E_z[p0 + A z]: the head's inputs (one query)."""
-        record = self._next_record()
+        record = self._next_record("head", (len(self.refs), self.k), self.parts)
         if record is None:
             scores = query_scores(self.box, self.refs, self.task.classnames, self.template, *self.mean_context())[0]
             record = GenerationRecord(None, scores.numpy(), self.parts)
@@ -333,6 +353,7 @@ class CollaborativeTrainer:
             cost = (cfg.popsize + (1 if alternate else 0)) * self.parts
             reserve = self.parts if cfg.use_head and not alternate else 0  # left for the head's inputs
             generations = (budget - reserve) // cost
+            self._say_what_the_budget_buys(budget, cost, generations)
             for g in range(generations):
                 fitness = self.prompt_step(consistency=consistency)  # Algorithm 1, lines 5-7
                 metrics = {"fitness": float(fitness.min()), "mean_fitness": float(fitness.mean())}
@@ -344,6 +365,23 @@ class CollaborativeTrainer:
             y_i = self.mean_scores()
             for e in range(head_epochs):
                 self.hooks.step(e + 1, head_epochs, "head epoch", loss=self.head_epoch(y_i, consistency=False))
+
+    def _say_what_the_budget_buys(self, budget: int, cost: int, generations: int) -> None:
+        """Notes for a budget far below the paper's rule for the shots, and for curve points that cannot fall on
+        the asked multiples (a generation is charged whole)."""
+        rule = budget_for_shots(self.shots)
+        if budget < rule // 2:
+            self.hooks.note(
+                f"a budget of {budget} queries is far below the paper's {rule} for {self.shots} shots: CMA-ES gets "
+                f"{generations} generation(s) of {cost} queries; expect accuracy near zero-shot or below "
+                f"(--set budget={rule} follows the paper)"
+            )
+        every = self.hooks.monitor_every
+        if self.hooks.monitor is not None and every and every % cost:
+            self.hooks.note(
+                f"curve points fall at the first generation past each multiple of {every} queries "
+                f"(a generation costs {cost}: --curve-every {cost * max(1, round(every / cost))} lands on them)"
+            )
 
     def snapshot(self) -> BlackBoxClassifier:
         """The current adapter: prompt E_z[p0 + A z] (Algorithm 1, line 16) and a copy of the head."""
@@ -360,6 +398,8 @@ class CollaborativeTrainer:
         every = self.hooks.monitor_every
         if self.hooks.monitor is None or not every:
             return
+        if not self._next_report:
+            self._next_report = every  # the first point after `every` queries, not after the first generation
         if final or self.used >= self._next_report:
             self.hooks.monitor(self.used, self.snapshot())
             while self._next_report <= self.used:
