@@ -114,3 +114,31 @@ def test_over_budget_costs_no_model_work(toy):
     assert box.forwards == forwards and box.usage().used == 2
     box.predict(PredictRequest(ids, ["circle", "square"]))  # the last query still fits
     assert box.usage().used == 3
+
+
+def test_fair_turns_go_round_robin_over_the_keys_that_wait():
+    import threading
+    import time
+
+    from vlmtune.blackbox.turns import FairTurns
+
+    turns, order = FairTurns(), []
+    turns.acquire("a")  # a holds the model; b sends two requests, then c one
+
+    def request(key: str) -> None:
+        with turns.turn(key):
+            order.append(key)
+
+    threads = []
+    for key in ("b", "b", "c"):
+        threads.append(threading.Thread(target=request, args=(key,)))
+        threads[-1].start()
+        time.sleep(0.05)  # arrival order
+    for _ in range(3):  # a's long request: three slices, handing over between each
+        turns.between("a")
+        order.append("a")
+    turns.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["b", "c", "a", "b", "a", "a"]  # one slice per key and round: a queues behind b and c
+    assert turns.handovers == 5

@@ -100,3 +100,15 @@ def test_what_is_missing_is_said_before_anything_runs(tmp_path, capsys):
     assert main(["reproduce", "001-table1", "--rows", "craf"]) == 2
     err = capsys.readouterr().err
     assert "craf" in err and "craft" in err and "Traceback" not in err
+
+
+def test_a_dry_run_names_download_sources_and_how_to_price_and_list_names_twin_tables(tmp_path, capsys):
+    args = ["reproduce", "001-table1", "--data-root", str(tmp_path), "--backbone", "ViT-B/16", "--dry-run"]
+    args += ["--datasets", "oxford_pets", "--out", str(tmp_path / "rep")]
+    assert main(args) == 0
+    dry = capsys.readouterr().out
+    assert "Download (when online): https://www.robots.ox.ac.uk/~vgg/data/pets/" in dry
+    assert "to price them: run one seed of one dataset first (--seeds 1 --datasets oxford_pets)" in dry
+    assert main(["reproduce", "--list"]) == 0
+    listing = capsys.readouterr().out.split("\n000-table2")[0]  # 000-table1's entry
+    assert "the same published numbers as 001-table1 (one table, in both papers" in listing

@@ -463,6 +463,10 @@ def test_textgen_serve_is_hardened_like_serve(tmp_path, monkeypatch):
         bad = {"model": "toy", "messages": [{"role": "user", "content": ["not a part"]}]}
         assert post("/v1/chat/completions", json=bad, headers=key).status_code == 400
         assert post("/v1/chat/completions", json=_chat(seed=2**80), headers=key).status_code == 422
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "/v1/chat/completions" in docs.text and "<script" not in docs.text
+        echo = post("/v1/chat/completions", json={"model": "toy", "messages": ["MARKER-echo"]}, headers=key)
+        assert echo.status_code == 422 and "MARKER" not in echo.text and "messages" in echo.json()["error"]["message"]
         assert post("/v1/chat/completions", json=_chat(), headers=key).status_code == 200
         assert post("/v1/chat/completions", json=_chat(), headers=key).status_code == 429  # 2 completions
     store.close()
@@ -552,3 +556,65 @@ def test_a_key_with_too_many_requests_in_flight_is_told_to_wait(toy):
         assert _post(url, "/predict", {"image_ids": ids, "classnames": ["circle", "square"]}, key=A).status_code == 200
     with pytest.raises(ValueError, match="at least 1"):
         create_app(LocalBlackBox(toy), {A: KeySpec(queries=10)}, max_in_flight=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "nbytes"),
+    [
+        ([2**62, 4], 0),  # the product wraps to 0 in int64: numpy's reshape error came back
+        ([2**33, 2**33, 2**33, 0], 0),
+        ([10**30, 0], 0),  # "Maximum allowed dimension exceeded"
+        ([2**70], 64),
+        ([2**20, 2**20, 0], 0),  # a legal empty array: refused later, by the request's own checks
+        ([-1, 4, 128], 64),
+        ([True, 4, 128], 64),
+    ],
+)
+def test_absurd_array_shapes_are_one_line_400s_without_numpy_internals(hostile, shape, nbytes):
+    url, app, _ = hostile
+    box = key_box(app, B)
+    used = box.budget.used
+    contexts = {"dtype": "float32", "shape": shape, "data": base64.b64encode(b"\0" * nbytes).decode()}
+    r = _post(url, "/predict", {"image_ids": ["x"], "classnames": ["a"], "contexts": contexts}, B)
+    assert r.status_code in (400, 422), r.text
+    text = r.text.lower()
+    internals = ("numpy", "c long", "overflow", "int64", "traceback", "reshape", "maximum allowed dimension")
+    assert not any(w in text for w in internals), r.text
+    assert box.budget.used == used
+
+
+def test_the_openapi_schema_declares_every_status_and_body_a_client_meets(hostile):
+    url, _, _ = hostile
+    schema = httpx.get(f"{url}/openapi.json").json()
+    declared = {(v, p): set(op["responses"]) for p, ops in schema["paths"].items() for v, op in ops.items()}
+    assert {"400", "401", "404", "408", "413", "422", "429"} <= declared[("post", "/v1/predict")]
+    assert {"400", "401", "408", "413", "422", "429"} <= declared[("post", "/v1/images")]
+    assert set(schema["components"]["schemas"]["RefusalOut"]["required"]) == {"detail", "what", "used", "limit"}
+    unknown = _post(url, "/predict", {"image_ids": ["x"], "classnames": ["a"]}, B)
+    assert unknown.status_code == 404 and set(unknown.json()) == {"detail"}
+    bad = _post(url, "/predict", {"image_ids": "x", "classnames": ["a"]}, B)
+    required = schema["components"]["schemas"]["ValidationError"]["required"]
+    assert bad.status_code == 422 and all(set(required) <= set(e) for e in bad.json()["detail"])
+
+
+def test_an_upload_on_a_full_disk_stores_nothing_and_says_so_in_one_line(toy, tmp_path, monkeypatch):
+    import sqlite3
+
+    store = UsageStore(tmp_path / "usage.sqlite")
+    app = create_app(LocalBlackBox(toy), {B: KeySpec(queries=10)}, store)
+    execute = store.execute
+
+    def full_disk(sql: str, args: tuple) -> int:
+        if "uploads" in sql:  # the upload count is the write after the decoding
+            raise sqlite3.OperationalError("database or disk is full")
+        return execute(sql, args)
+
+    monkeypatch.setattr(store, "execute", full_disk)
+    with running_server(app) as url:
+        r = _post(url, "/images", {"images": [base64.b64encode(_png()).decode()]}, B)
+        assert r.status_code == 503 and r.json() == {"detail": "the service cannot record usage now; try again later"}
+        assert key_box(app, B).usage().images == 0  # the image was not kept
+        monkeypatch.setattr(store, "execute", execute)
+        assert _post(url, "/images", {"images": [base64.b64encode(_png()).decode()]}, B).status_code == 200
+        assert key_box(app, B).usage().images == 1 and store.row(key_box(app, B).budget.kid)[2] == 1
+    store.close()

@@ -90,6 +90,42 @@ def test_damaged_entries_are_regenerated_and_a_damaged_file_is_refused(tmp_path,
         TextCache(bad)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE texts SET text = 5 WHERE rowid = 1",  # not text at all
+        "UPDATE texts SET text = CAST(X'fffe4d41524b4552' AS TEXT) WHERE rowid = 1",  # not UTF-8 (MARKER)
+        "UPDATE texts SET provenance = 'MARKER {' WHERE rowid = 1",  # provenance that is not JSON
+    ],
+)
+def test_damaged_rows_are_misses_and_never_tracebacks(tmp_path, toy_gen, shapes_train, damage, caplog):
+    split = small(shapes_train, 2)
+    stage = TextStage("toy", cache=TextCache(tmp_path), progress=False, _generator=toy_gen)
+    texts = DatasetTexts(stage, split).image_descriptions()
+    with sqlite3.connect(tmp_path / "texts.sqlite") as db:
+        db.execute(damage)
+    again = TextStage("toy", cache=TextCache(tmp_path), progress=False, _generator=toy_gen)
+    assert DatasetTexts(again, split).image_descriptions() == texts
+    assert again.generated == (0 if "provenance" in damage else 1)  # the text is fine, its record was not
+    entries = list(TextCache(tmp_path).entries())  # the damaged row is now replaced (or skipped, if only its record)
+    assert len(entries) >= len(split) - 1 and "MARKER" not in caplog.text
+
+
+def test_a_cache_damaged_inside_its_pages_is_one_line(tmp_path, toy_gen, shapes_train):
+    stage = TextStage("toy", cache=TextCache(tmp_path), progress=False, _generator=toy_gen)
+    DatasetTexts(stage, small(shapes_train, 20)).image_descriptions()
+    stage.cache.close()
+    path = tmp_path / "texts.sqlite"
+    data = bytearray(path.read_bytes())
+    data[4096:] = b"\xa5" * (len(data) - 4096)  # the header page intact, every other page garbage
+    path.write_bytes(bytes(data))
+    with pytest.raises(VlmtuneError, match="damaged") as info:
+        cache = TextCache(tmp_path)
+        cache.get_many(["x" * 64])
+        list(cache.entries())
+    assert "\n" not in str(info.value)
+
+
 # ---- the toy describer ----------------------------------------------------------------------------------------------
 def test_toy_describer_names_what_it_sees(toy_gen):
     """Informative and imperfect: greedy descriptions of fresh photo renders name the shape and colour mostly right."""

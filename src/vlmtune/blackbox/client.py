@@ -77,7 +77,8 @@ class HttpBlackBox:
         detail = body.get("detail", r.text[:300]) if isinstance(body, dict) else r.text[:300]
         if r.status_code == 429 and body.get("what") == "requests":  # not charged: a concurrency limit
             raise RuntimeError(
-                f"the service at {self.url} refused: {detail} (fewer clients per key, or the operator raises --max-in-flight)"
+                f"the service at {self.url} refused: {detail} "
+                "(fewer clients per key, or the operator raises --max-in-flight)"
             )
         if r.status_code == 429:
             raise BudgetExceeded(0, int(body.get("used", 0)), int(body.get("limit") or 0), body.get("what", "query"))

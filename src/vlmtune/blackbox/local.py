@@ -215,12 +215,12 @@ class LocalBlackBox:
                 batch = torch.stack(tensors)  # (B, 3, H, W)
                 with self._compute.turn(self._owner), torch.no_grad():
                     feats = self._backbone.encode_images(batch).float().cpu()  # (B, D)
+                self.budget.record_uploads(len(chunk))  # first: if the count cannot be stored, nor are the images
                 with self._lock:
                     for image_id, f, px in zip(chunk, feats, batch, strict=True):
                         self._features[image_id] = f
                         if self._keep_pixels:
                             self._pixels[image_id] = px
-                self.budget.record_uploads(len(chunk))
         finally:
             for im in opened.values():
                 im.close()

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import html
 import logging
+import sqlite3
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
@@ -60,6 +61,40 @@ class PredictIn(BaseModel):
     pixel_prompts: ArrayIn | None = Field(
         default=None, description="(C, N, 3, S, S) float32 per-image pixel prompts (services started with them)"
     )
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class RefusalOut(BaseModel):
+    detail: str
+    what: str = Field(description='"query", "work" or "images" (a budget or quota), "requests" (in flight)')
+    used: int
+    limit: int | None
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's error status codes (every body holds a one-line ``detail``)."""
+    what = {
+        400: "invalid request (limits, shapes, values)",
+        401: "missing or unknown API key",
+        404: "unknown image ids",
+        408: "request body not received in time",
+        413: "request body or reply too large",
+        429: "budget, quota or requests in flight exhausted; nothing was charged",
+        500: "internal error (no details)",
+        503: "usage cannot be recorded now (the service's disk is full or read-only); nothing was stored",
+    }
+    return {c: {"model": RefusalOut if c == 429 else ErrorOut, "description": what[c]} for c in codes}
+
+
+def schema_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """A 422's ``detail``: where and what, in FastAPI's ``ValidationError`` shape, never the input itself."""
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())][:4], "msg": str(e.get("msg", ""))[:200], "type": str(e.get("type"))}
+        for e in exc.errors()[:10]
+    ]
 
 
 class BodyLimit:
@@ -153,7 +188,7 @@ def known_key(accounts: Mapping[str, T], authorization: str | None, x_api_key: s
     return found
 
 
-def _docs_page(schema: dict[str, Any]) -> str:
+def docs_page(schema: dict[str, Any]) -> str:
     """A self-contained HTML page of the API from its OpenAPI schema (no JavaScript, nothing from a CDN)."""
     rows = []
     for path, ops in schema.get("paths", {}).items():
@@ -228,10 +263,12 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _schema(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": [str(p) for p in e.get("loc", ())][:4], "msg": str(e.get("msg", ""))[:200]} for e in exc.errors()
-        ]
-        return JSONResponse({"detail": errors[:10]}, status_code=422)  # never the input itself
+        return JSONResponse({"detail": schema_errors(exc)}, status_code=422)  # never the input itself
+
+    @app.exception_handler(sqlite3.Error)
+    async def _usage_store(_: Request, exc: sqlite3.Error) -> JSONResponse:
+        log.error("the usage database failed: %s", exc)  # a full or read-only disk: the operator's to fix
+        return JSONResponse({"detail": "the service cannot record usage now; try again later"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -240,17 +277,29 @@ def create_app(
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        return HTMLResponse(_docs_page(app.openapi()))
+        return HTMLResponse(docs_page(app.openapi()))
 
-    @app.get(f"{API_PREFIX}/info", summary="the served model's public name, widths and request limits")
+    @app.get(
+        f"{API_PREFIX}/info",
+        summary="the served model's public name, widths and request limits",
+        responses=_errors(401),
+    )
     def info(kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
         return dataclasses.asdict(kbox.info())
 
-    @app.post(f"{API_PREFIX}/images", summary="upload images (PNG/JPEG/WebP) -> content ids for this key")
+    @app.post(
+        f"{API_PREFIX}/images",
+        summary="upload images (PNG/JPEG/WebP) -> content ids for this key",
+        responses=_errors(400, 401, 408, 413, 429, 500, 503),
+    )
     def upload(body: ImagesIn, kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
         return {"ids": kbox.upload([decode_image(b) for b in body.images])}
 
-    @app.post(f"{API_PREFIX}/predict", summary="scores (C, N, K) of uploaded images against class prompts")
+    @app.post(
+        f"{API_PREFIX}/predict",
+        summary="scores (C, N, K) of uploaded images against class prompts",
+        responses=_errors(400, 401, 404, 408, 413, 429, 500, 503),
+    )
     def predict(body: PredictIn, request: Request, kbox: LocalBlackBox = Depends(key_box)) -> Any:
         arrays = (body.contexts, body.visual_contexts, body.pixel_prompts)
         contexts, visual, pixels = (decode_array(a.model_dump()) if a is not None else None for a in arrays)
@@ -266,7 +315,9 @@ def create_app(
             return Response(scores.astype("<f4").tobytes(), media_type=BINARY, headers=headers)
         return {"scores": encode_array(scores), "used": used, "limit": limit}
 
-    @app.get(f"{API_PREFIX}/usage", summary="this key's queries, work, images held and uploaded")
+    @app.get(
+        f"{API_PREFIX}/usage", summary="this key's queries, work, images held and uploaded", responses=_errors(401)
+    )
     def usage(kbox: LocalBlackBox = Depends(key_box)) -> dict[str, Any]:
         u = kbox.usage()
         return {

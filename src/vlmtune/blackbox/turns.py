@@ -33,29 +33,11 @@ class FairTurns:
             if not self._busy and not self._rotation:
                 self._busy = True
                 return
-            ticket = object()
-            if key not in self._waiting:
-                self._waiting[key] = deque()
-                self._rotation.append(key)
-            self._waiting[key].append(ticket)
-            while self._granted is not ticket:
-                self._cond.wait()
-            self._granted = None
+            self._wait(self._enqueue(key))
 
     def release(self) -> None:
         with self._cond:
-            if not self._rotation:
-                self._busy = False
-                return
-            key = self._rotation.popleft()
-            tickets = self._waiting[key]
-            self._granted = tickets.popleft()  # the model passes to it: it stays busy
-            if tickets:
-                self._rotation.append(key)
-            else:
-                del self._waiting[key]
-            self.handovers += 1
-            self._cond.notify_all()
+            self._hand_over()
 
     @contextmanager
     def turn(self, key: Hashable) -> Iterator[None]:
@@ -66,10 +48,40 @@ class FairTurns:
             self.release()
 
     def between(self, key: Hashable) -> None:
-        """Between two slices of ``key``'s computation: if another request waits, it computes one slice (or more
-        keys' slices, in turn order) before ``key`` goes on."""
+        """Between two slices of ``key``'s computation: if another request waits, ``key`` takes its place in line
+        (behind every key that waits) and the model passes to the next in turn."""
         with self._cond:
             if not self._rotation:
                 return
-        self.release()
-        self.acquire(key)
+            ticket = self._enqueue(key)
+            self._hand_over()
+            self._wait(ticket)
+
+    # ---- under self._cond ----
+    def _enqueue(self, key: Hashable) -> object:
+        ticket = object()
+        if key not in self._waiting:
+            self._waiting[key] = deque()
+            self._rotation.append(key)
+        self._waiting[key].append(ticket)
+        return ticket
+
+    def _wait(self, ticket: object) -> None:
+        while self._granted is not ticket:
+            self._cond.wait()
+        self._granted = None
+
+    def _hand_over(self) -> None:
+        """The model passes to the first waiting ticket of the next key in turn (or becomes free)."""
+        if not self._rotation:
+            self._busy = False
+            return
+        key = self._rotation.popleft()
+        tickets = self._waiting[key]
+        self._granted = tickets.popleft()  # the model passes to it: it stays busy
+        if tickets:
+            self._rotation.append(key)  # its next request waits for the other keys' turns
+        else:
+            del self._waiting[key]
+        self.handovers += 1
+        self._cond.notify_all()

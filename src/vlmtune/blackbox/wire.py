@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 import numpy as np
@@ -22,16 +23,22 @@ def decode_array(obj: dict[str, Any]) -> np.ndarray:
     if not isinstance(obj, dict) or obj.get("dtype") != "float32":
         raise ValueError("arrays must be objects with dtype 'float32', shape and base64 data")
     shape = obj.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 5:
-        raise ValueError("array shape must be a list of at most 5 non-negative ints")
+    if not isinstance(shape, list) or len(shape) > 5 or not all(_is_dim(d) for d in shape):
+        raise ValueError(f"array shape must be a list of at most 5 ints in [0, {MAX_ARRAY_BYTES}]")
+    expected = 4 * math.prod(shape)  # exact: no integer overflow; () is a scalar of one value
+    if expected > MAX_ARRAY_BYTES:
+        raise ValueError(f"an array of shape {shape} is over the {MAX_ARRAY_BYTES}-byte limit")
     try:
         raw = base64.b64decode(obj.get("data", ""), validate=True)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"array data is not valid base64: {exc}") from exc
-    expected = 4 * int(np.prod(shape)) if shape else 4
-    if len(raw) != expected or len(raw) > MAX_ARRAY_BYTES:
+    except (ValueError, TypeError):
+        raise ValueError("array data is not valid base64") from None
+    if len(raw) != expected:
         raise ValueError(f"array data has {len(raw)} bytes, shape {shape} needs {expected}")
     return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _is_dim(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ARRAY_BYTES
 
 
 def encode_image(data: bytes) -> str:
@@ -50,7 +57,7 @@ def decode_binary(data: bytes, shape_header: str) -> np.ndarray:
     try:
         shape = [int(d) for d in shape_header.split(",")]
     except ValueError:
-        raise ValueError(f"bad X-Shape header {shape_header!r}") from None
-    if len(data) != 4 * int(np.prod(shape)):
-        raise ValueError(f"reply has {len(data)} bytes, shape {shape} needs {4 * int(np.prod(shape))}")
+        raise ValueError(f"bad X-Shape header {shape_header[:40]!r}") from None
+    if any(d < 0 for d in shape) or len(data) != 4 * math.prod(shape):
+        raise ValueError(f"reply has {len(data)} bytes, not those of shape {shape_header[:40]}")
     return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)

@@ -74,6 +74,7 @@ def _list() -> int:
 
     for name, r in RECIPES.items():
         missing = unavailable_rows(r)
+        twins = [t.name for t in RECIPES.values() if t is not r and t.paper.cells == r.paper.cells]
         rows = ", ".join(x.label for x in r.rows if x.method is not None)
         shots = "/".join(map(str, r.shots)) if r.shots != (0,) else "unlabelled"
         print(f"{name}  {r.title}")
@@ -81,6 +82,9 @@ def _list() -> int:
         print(f"    backbones: {', '.join(r.backbones)}")
         print(f"    datasets: {', '.join(r.dataset_columns())}")
         print(f"    rows: {rows}")
+        if twins:  # CARROT (000) is the earlier version of CraFT (001): its tables were published again
+            why = f"; {r.note}" if r.note else ""
+            print(f"    the same published numbers as {', '.join(twins)} (one table, in both papers{why})")
         if missing:
             print(f"    not in vlmtune yet: {', '.join(x.label for x in missing)}")
     return 0
@@ -149,6 +153,13 @@ def execute(args: argparse.Namespace) -> int:
         print(
             f"  {runs} runs, {ready} ready; estimated {cost}" + (f"; {unknown_runs} unmeasured" if unknown_runs else "")
         )
+        if unknown_runs:
+            sample = groups[0]
+            print(
+                f"  to price them: run one seed of one dataset first (--seeds {sample.seeds[0]} --datasets "
+                f"{sample.run_dataset}); --dry-run then prices each row from its measured time ({out}/**/jobs.jsonl, "
+                "or --timings DIR of an earlier reproduce)"
+            )
         return 0
     blocked = {slug: m for slug, m in lacking.items() if m}
     if blocked:

@@ -187,7 +187,9 @@ class DatasetCheck:
                     load_dataset(name, self.data_root)
                 self.seen[name] = None
             except (VlmtuneError, OSError, ValueError) as e:
-                self.seen[name] = f"{name}: {str(e).splitlines()[0]}"
+                lines = str(e).splitlines()
+                source = [x for x in lines[1:] if x.startswith("Download")]  # DatasetNotFound names its source
+                self.seen[name] = f"{name}: {'; '.join(x.rstrip('.') for x in lines[:1] + source)}"
         return self.seen[name]
 
 

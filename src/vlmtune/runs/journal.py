@@ -103,9 +103,10 @@ class FileJournal:
                 if not isinstance(q, int) or isinstance(q, bool) or q < 0:
                     raise self._damaged(f"{meta_path.name} step {i} has an invalid query count {q!r}")
                 fit, head = tensors.get(f"fitness_{i}"), tensors.get(f"head_{i}")
-                if (fit is None) == (head is None):
+                record = fit if head is None else head if fit is None else None
+                if record is None:
                     raise self._damaged(f"{data_path.name} step {i} has no (or two) records")
-                if not bool(torch.isfinite(fit if fit is not None else head).all()):
+                if not bool(torch.isfinite(record).all()):
                     raise self._damaged(f"{data_path.name} step {i} holds values that are not finite")
                 records.append(
                     (

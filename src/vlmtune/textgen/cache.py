@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +54,16 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _text(value: object) -> str | None:
+    """A stored TEXT value (read as bytes) as a string; None when it is not valid UTF-8 text (a damaged row)."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 class TextCache:
     """``<root>/texts.sqlite``; ``root=None`` keeps the texts in memory (nothing written)."""
 
@@ -73,6 +83,7 @@ class TextCache:
             try:
                 target = str(self.path) if self.path else ":memory:"
                 conn = sqlite3.connect(target, timeout=30, check_same_thread=False)  # writes stay on one thread
+                conn.text_factory = bytes  # decoded row by row: one undecodable row is a miss, not an error
                 conn.execute(_SCHEMA)
                 conn.commit()
             except sqlite3.DatabaseError as exc:
@@ -87,8 +98,19 @@ class TextCache:
             self._conn.close()
             self._conn = None
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """SQLite errors of a damaged file as one line (never its message: it may quote the stored text)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise VlmtuneError(
+                f"text cache {self.path} is damaged ({type(exc).__name__}): move it away to start anew"
+            ) from None
+
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
+        with self._reading():
+            return int(self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
 
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """The stored texts of ``keys`` that exist and are intact (a row whose checksum fails is logged, a miss)."""
@@ -97,22 +119,41 @@ class TextCache:
         for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT key, text, text_sha256 FROM texts WHERE key IN ({marks})", chunk)
-            for key, text, digest in rows:
-                if _sha(text) == digest:
+            with self._reading():
+                rows = self._db.execute(
+                    f"SELECT key, text, text_sha256 FROM texts WHERE key IN ({marks})", chunk
+                ).fetchall()
+            for raw_key, raw_text, raw_digest in rows:
+                key, text, digest = _text(raw_key), _text(raw_text), _text(raw_digest)
+                if key is not None and text is not None and _sha(text) == digest:
                     found[key] = text
                 else:
-                    log.warning("text cache %s: entry %s is damaged; it will be generated again", self.path, key[:12])
+                    log.warning("text cache %s: an entry is damaged; it will be generated again", self.path)
         return found
 
     def put_many(self, entries: Iterable[Entry]) -> None:
         """Store entries (one transaction: a stop in the middle of a batch loses that batch only)."""
         date = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows = [(e.key, e.text, _sha(e.text), json.dumps({**e.provenance, "date": date})) for e in entries]
-        with self._db:
+        with self._reading(), self._db:
             self._db.executemany("INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?)", rows)
 
     def entries(self) -> Iterator[Entry]:
-        with closing(self._db.execute("SELECT key, text, provenance FROM texts ORDER BY rowid")) as cur:
-            for key, text, prov in cur:
-                yield Entry(key, text, json.loads(prov))
+        """Every intact entry, in insertion order (damaged rows are logged and skipped)."""
+        with self._reading():
+            rows = self._db.execute("SELECT key, text, text_sha256, provenance FROM texts ORDER BY rowid").fetchall()
+        for row in rows:
+            key, text, digest, prov = map(_text, row)
+            provenance = _json_object(prov)
+            if key is None or text is None or _sha(text) != digest or provenance is None:
+                log.warning("text cache %s: an entry is damaged; skipped", self.path)
+                continue
+            yield Entry(key, text, provenance)
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -22,13 +22,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from vlmtune.blackbox.accounts import KeySpec, UsageStore, key_budget, key_id
 from vlmtune.blackbox.api import BudgetExceeded, QueryBudget, ServiceLimits
 from vlmtune.blackbox.local import decode_upload
-from vlmtune.blackbox.server import DEFAULT_MAX_BODY, BodyLimit, KeyInFlight, in_flight_limit, known_key
+from vlmtune.blackbox.server import (
+    DEFAULT_MAX_BODY,
+    BodyLimit,
+    KeyInFlight,
+    docs_page,
+    in_flight_limit,
+    known_key,
+    schema_errors,
+)
 from vlmtune.blackbox.wire import decode_image
 from vlmtune.textgen.base import GenRequest, GenSettings, TextGenerator
 
@@ -120,6 +129,15 @@ def chat_app(
     @app.exception_handler(ValueError)
     async def _bad(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse({"error": {"message": str(exc)[:500], "type": "invalid_request"}}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _schema(_: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in schema_errors(exc))
+        return JSONResponse({"error": {"message": where[:500], "type": "invalid_request"}}, status_code=422)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:  # offline: nothing from a CDN
+        return HTMLResponse(docs_page(app.openapi()))
 
     @app.get("/v1/models")
     def models(_: QueryBudget | None = Depends(account)) -> dict[str, Any]:
