@@ -404,36 +404,48 @@ def run(
         if processes.rank != 0:
             out_dir, progress, cache = None, False, None  # one writer: rank 0 (the others recompute features)
     folder = Path(out_dir) if out_dir is not None else None
+    created = folder is not None and not folder.exists()
     if folder is not None:
         prepare_run_dir(folder, resume, overwrite)
-    if cfg.service is None:
-        if backbone is None:
-            warn_if_toy_outside_its_world(cfg.backbone, cfg.dataset)
-        backbone = backbone or load_backbone(cfg.backbone, device_for(cfg.device))
-    splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
-    if "test" not in splits:
-        raise VlmtuneError(f"{cfg.dataset} has no test split")
-    method = method_cls(method_config)
-    training_log = TrainingLog(folder, progress, f"{cfg.method} on {cfg.dataset}")
-    method.hooks.on_step = training_log.step
-    generator = torch.Generator().manual_seed(cfg.seed)
     try:
-        if method_cls.capability is Capability.BLACK_BOX:
-            journal = FileJournal(folder / "state", cfg.to_json(), resume) if folder is not None else None
-            result = _run_black_box(cfg, backbone, splits, method, generator, progress, journal, api_key)
-        else:
-            assert backbone is not None
-            student = _student_of(cfg, method_cls, backbone)
-            result = _run_features(cfg, backbone, splits, method, generator, cache, progress, student)
-    finally:
-        training_log.close()
-    result.method_config = asdict(method_config)
-    result.notes = list(method.hooks.notes)
-    if processes.active:
-        result.notes.append(f"trained on {processes.world} processes (torchrun; DDP over {processes.world} shards)")
-    if folder is not None:
-        write_run_dir(folder, result)
+        if cfg.service is None:
+            if backbone is None:
+                warn_if_toy_outside_its_world(cfg.backbone, cfg.dataset)
+            backbone = backbone or load_backbone(cfg.backbone, device_for(cfg.device))
+        splits = splits or load_dataset(cfg.dataset, cfg.data_root, cfg.skip_corrupt)
+        if "test" not in splits:
+            raise VlmtuneError(f"{cfg.dataset} has no test split")
+        method = method_cls(method_config)
+        training_log = TrainingLog(folder, progress, f"{cfg.method} on {cfg.dataset}")
+        method.hooks.on_step = training_log.step
+        generator = torch.Generator().manual_seed(cfg.seed)
+        try:
+            if method_cls.capability is Capability.BLACK_BOX:
+                journal = FileJournal(folder / "state", cfg.to_json(), resume) if folder is not None else None
+                result = _run_black_box(cfg, backbone, splits, method, generator, progress, journal, api_key)
+            else:
+                assert backbone is not None
+                student = _student_of(cfg, method_cls, backbone)
+                result = _run_features(cfg, backbone, splits, method, generator, cache, progress, student)
+        finally:
+            training_log.close()
+        result.method_config = asdict(method_config)
+        result.notes = list(method.hooks.notes)
+        if processes.active:
+            result.notes.append(f"trained on {processes.world} processes (torchrun; DDP over {processes.world} shards)")
+        if folder is not None:
+            write_run_dir(folder, result)
+    except BaseException:
+        if created:
+            _remove_if_empty(folder)  # a run that failed before writing anything leaves no folder behind
+        raise
     return result
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    """Remove ``folder`` if none of its files holds a byte (an empty train log, empty folders)."""
+    if folder is not None and all(p.is_dir() or p.stat().st_size == 0 for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _client_encoder(spec: str | None, backbone: Backbone | None, cfg: RunConfig) -> Backbone | None:
